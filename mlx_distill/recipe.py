@@ -1,0 +1,356 @@
+"""Typed recipe schema: the single source of defaults.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. Loading goes through one path:
+YAML -> nested dict -> `--set key.path=value` overrides -> `from_dict` (type coercion and unknown
+key errors) -> `Recipe.validate()`. Every error is a `BadInput` that names the dotted key, the
+file and, for YAML problems, the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_distill.errors import BadInput
+
+STAGES = ("tokenizer", "teacher", "cache", "distill", "baseline", "eval", "report")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from. Files are JSONL: prompt/completion, messages or text."""
+
+    train: str = "data/quickstart/train.jsonl"
+    valid: str = "data/quickstart/valid.jsonl"
+    test: str = "data/quickstart/test.jsonl"
+    task: str | None = "arithmetic"  # answer checker in mlx_distill.tasks; None for free text
+    max_seq_len: int = 160
+    max_train: int | None = None  # use the first n training examples
+
+
+@dataclass
+class TokenizerConfig:
+    """An existing tokenizer (`path`), or a SentencePiece model trained on data.train."""
+
+    path: str | None = None
+    vocab_size: int = 384
+    model_type: str = "bpe"  # SentencePiece: bpe | unigram
+
+
+@dataclass
+class ModelConfig:
+    """An mlx-lm architecture built from scratch."""
+
+    arch: str = "llama"  # llama | qwen2
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    tie_embeddings: bool = True
+    max_position: int = 512
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class TrainConfig:
+    """One training run: AdamW with linear warmup and cosine decay."""
+
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    dtype: str = "float32"  # float32 | bfloat16 (bf16 matmul is slow on CPU)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a local mlx-lm folder, one the recipe trains, or Gemini."""
+
+    kind: str = "local"  # local | gemini
+    path: str | None = None  # local: an mlx-lm folder; None: train `model` with `train`
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(hidden_size=256, num_layers=8, intermediate_size=704)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3))
+
+
+@dataclass
+class CacheConfig:
+    """Teacher targets on disk."""
+
+    targets: str = "topk"  # topk | sample
+    k: int = 16
+    samples: int = 32  # draws per position for targets=sample
+    temperature: float = 1.0
+    batch_size: int = 32  # sequences per teacher forward pass
+    shard_rows: int = 1024
+
+
+@dataclass
+class StudentConfig:
+    """The student: from `model` (config), an mlx-lm folder (pretrained) or the teacher's layers."""
+
+    init: str = "config"  # config | pretrained | teacher_layers
+    path: str | None = None  # init=pretrained
+    layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class LossConfig:
+    """`mlx_distill.kernels.distill_loss` arguments for the distill stage."""
+
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | ce
+    kd_weight: float = 0.5
+    temperature: float = 1.0
+    beta: float = 0.5
+    tail: str = "bucket"  # bucket | ignore
+    chunk_size: int | None = None
+
+
+@dataclass
+class BaselineConfig:
+    """The same student, same steps, hard labels only."""
+
+    enabled: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_examples: int = 200
+    max_new_tokens: int = 96
+    batch_size: int = 64
+
+
+@dataclass
+class ExportConfig:
+    quantize_bits: int | None = None  # 4 or 8: also write student-q{bits}/
+
+
+@dataclass
+class Recipe:
+    name: str = "quickstart"
+    seed: int = 0
+    runs_dir: str = "runs"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def validate(self) -> None:
+        """Cross-field checks the types alone cannot express."""
+        choices = {
+            "teacher.kind": (self.teacher.kind, ("local", "gemini")),
+            "cache.targets": (self.cache.targets, ("topk", "sample")),
+            "student.init": (self.student.init, ("config", "pretrained", "teacher_layers")),
+            "loss.kind": (self.loss.kind, ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")),
+            "loss.tail": (self.loss.tail, ("bucket", "ignore")),
+            "tokenizer.model_type": (self.tokenizer.model_type, ("bpe", "unigram")),
+            "train.dtype": (self.train.dtype, ("float32", "bfloat16", "float16")),
+            "student.model.arch": (self.student.model.arch, ("llama", "qwen2")),
+            "teacher.model.arch": (self.teacher.model.arch, ("llama", "qwen2")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise BadInput(f"recipe key {key}: {value!r} is not one of {', '.join(allowed)}")
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise BadInput(
+                    f"recipe key stages: unknown stage {stage!r}; {_closest(stage, STAGES)}"
+                )
+        positive = {
+            "train.steps": self.train.steps,
+            "train.batch_size": self.train.batch_size,
+            "cache.k": self.cache.k,
+            "data.max_seq_len": self.data.max_seq_len,
+            "tokenizer.vocab_size": self.tokenizer.vocab_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise BadInput(f"recipe key {key}: must be > 0, got {value}")
+        if not 0.0 <= self.loss.kd_weight <= 1.0:
+            raise BadInput(
+                f"recipe key loss.kd_weight: must be in [0, 1], got {self.loss.kd_weight}"
+            )
+        if not 0.0 < self.loss.beta < 1.0:
+            raise BadInput(f"recipe key loss.beta: must be in (0, 1), got {self.loss.beta}")
+        if self.loss.temperature <= 0 or self.cache.temperature <= 0:
+            raise BadInput("recipe keys loss.temperature and cache.temperature must be > 0")
+        if self.student.init == "pretrained" and not self.student.path:
+            raise BadInput("recipe key student.path: required when student.init is 'pretrained'")
+        if self.student.layer_stride < 1:
+            raise BadInput("recipe key student.layer_stride: must be >= 1")
+        if self.export.quantize_bits not in (None, 4, 8):
+            raise BadInput("recipe key export.quantize_bits: must be 4, 8 or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def section_hash(self, *keys: str) -> str:
+        """A stable hash of some top-level sections (the input to a stage fingerprint)."""
+        data = self.to_dict()
+        return fingerprint({k: data[k] for k in keys})
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of canonical JSON, shortened: stable across processes and dict order."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _closest(key: str, valid: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"did you mean {match[0]!r}?" if match else f"valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated type; raise BadInput naming `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except BadInput as e:
+                errors.append(str(e))
+        raise BadInput(errors[0] if errors else f"recipe key {path}: cannot be null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise BadInput(f"recipe key {path}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise BadInput(f"recipe key {path}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise BadInput(f"recipe key {path}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise BadInput(f"recipe key {path}: expected {tp.__name__}, got {value!r}")
+        try:
+            # YAML reads 1e-5 as a string and 3.0 as a float: go through float for both.
+            number = float(value) if isinstance(value, str) else value
+            if tp is int:
+                if float(number) != int(number):
+                    raise ValueError
+                return int(number)
+            return float(number)
+        except (TypeError, ValueError):
+            raise BadInput(f"recipe key {path}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise BadInput(f"recipe key {path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys name the closest valid key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise BadInput(f"unknown recipe key {path}; {_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    """Apply one `--set a.b.c=value`; the value is parsed as YAML, then coerced by the schema."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise BadInput(f"--set {dotted}: {key} is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load a recipe file (or the defaults when `path` is None) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise BadInput(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise BadInput(f"{path}{where}: invalid YAML: {problem}") from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path}: a recipe must be a mapping of sections")
+        data.setdefault("name", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise BadInput(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw)
+    try:
+        recipe = from_dict(Recipe, data)
+        recipe.validate()
+    except BadInput as e:
+        raise BadInput(f"{source}: {e}") from None
+    return recipe

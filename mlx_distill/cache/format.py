@@ -1,0 +1,222 @@
+"""On-disk format of the token cache: manifest, shard files, compact target encoding.
+
+A cache is a directory with `manifest.json` and `shard-NNNNNN.safetensors` files. Each shard is a
+standard safetensors file (8-byte header length, JSON header, raw little-endian arrays) that we
+write and read with NumPy: readers `np.memmap` it and slice one row's byte range, so a row is read
+without loading the shard, any safetensors tool can open a shard, and one file per shard gives one
+checksum and one atomic rename (temp file, fsync, rename). `.npy` would need one file per array and
+MLX's loader reads whole files.
+
+Rows are stored flat; per-row offsets give random access. For a row of T tokens the targets cover
+the positions t < T - 1 whose next token is trained on (mask[t + 1]); other positions carry no
+loss, so they are not stored. Arrays in a shard (R rows, N tokens, P target positions, E entries):
+
+    row_tokens   (R + 1,) int64   token offsets          row_entries (R + 1,) int64 entry offsets
+    tokens       (N,) uint8/16/32 ids                    mask        (N,) bool
+    counts       (P,) uint8/16    entries per position   ids         packed `id_bits`-bit ids
+    codes        (E,) uint8       8-bit values           ranges      (P, 2) float16 (topk only)
+    text, row_text                UTF-8 JSON of each row's source record, and its offsets
+
+Values. `topk` stores each position's top and k-th log-prob in float16 (the top is the largest)
+and every entry as an 8-bit code linear in log-prob between them: the error is at most half a
+step, (top - kth) / 508 nats, plus float16 rounding of the ends (relative 2^-11); for a 15-nat
+spread that is 0.03 nats, i.e. 3% of each probability, and the top entry is exact to float16.
+`sample` stores exact draw counts c (weight c / n): no quantization error.
+
+Bytes per token at k = 32 and a 384-token vocabulary (9-bit ids): 36 (ids) + 32 (codes) + 4
+(range) + 1 (count) + 2 (token) + 1 (mask) = 76, plus the text record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_distill.errors import BadInput
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+CODE_LEVELS = 254  # topk codes 0..254 span [kth, top]; 255 marks an empty slot
+EMPTY_CODE = 255
+
+_ST_DTYPES = {
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.uint16): "U16",
+    np.dtype(np.uint32): "U32",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.bool_): "BOOL",
+}
+_NP_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+def id_bits(vocab_size: int) -> int:
+    """Fewest bits that hold every id below `vocab_size`."""
+    return max(1, int(vocab_size - 1).bit_length())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dt).max + 1:
+            return np.dtype(dt)
+    raise BadInput(f"vocabulary of {vocab_size} ids is too large for the cache format")
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
+    """(E,) non-negative ints -> (ceil(E * bits / 8),) uint8, little-endian bit order."""
+    ids = np.asarray(ids, dtype=np.uint32)
+    planes = (ids[:, None] >> np.arange(bits, dtype=np.uint32)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_ids(packed: np.ndarray, bits: int, start: int, count: int) -> np.ndarray:
+    """Entries [start, start + count) of a `pack_ids` stream -> (count,) int32.
+
+    Reads a 32-bit little-endian window at each entry's first byte and shifts: valid for
+    bits + 7 <= 32, i.e. vocabularies up to 2^25 ids.
+    """
+    if count == 0:
+        return np.zeros(0, dtype=np.int32)
+    bit0 = start * bits
+    byte0 = bit0 // 8
+    byte1 = (bit0 + count * bits + 7) // 8
+    raw = np.zeros(byte1 - byte0 + 4, dtype=np.uint8)
+    raw[: byte1 - byte0] = packed[byte0:byte1]
+    offs = (bit0 % 8) + np.arange(count, dtype=np.int64) * bits
+    at = offs >> 3
+    word = (
+        raw[at].astype(np.uint32)
+        | (raw[at + 1].astype(np.uint32) << 8)
+        | (raw[at + 2].astype(np.uint32) << 16)
+        | (raw[at + 3].astype(np.uint32) << 24)
+    )
+    return ((word >> (offs & 7).astype(np.uint32)) & np.uint32((1 << bits) - 1)).astype(np.int32)
+
+
+def encode_topk(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, k) log-probs sorted descending -> codes (P, k) uint8, ranges (P, 2) float16 [top, kth].
+
+    Codes are linear in log-prob between the position's k-th and top value (see module doc).
+    """
+    lp = np.asarray(logprobs, dtype=np.float32)
+    ranges = np.stack([lp[:, 0], lp[:, -1]], axis=1).astype(np.float16)
+    hi = ranges[:, :1].astype(np.float32)
+    lo = ranges[:, 1:].astype(np.float32)
+    span = np.maximum(hi - lo, 1e-12)
+    codes = np.rint((lp - lo) / span * CODE_LEVELS)
+    return np.clip(codes, 0, CODE_LEVELS).astype(np.uint8), ranges
+
+
+def decode_topk(codes: np.ndarray, ranges: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Inverse of `encode_topk` on flat entries: codes (E,), ranges (P, 2), counts (P,)."""
+    hi = np.repeat(ranges[:, 0].astype(np.float32), counts)
+    lo = np.repeat(ranges[:, 1].astype(np.float32), counts)
+    return lo + codes.astype(np.float32) * ((hi - lo) / CODE_LEVELS)
+
+
+def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> dict:
+    """Write a safetensors file atomically (temp, fsync, rename); return its size and sha256."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    blobs = []
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        data = arr.tobytes()
+        header[name] = {
+            "dtype": _ST_DTYPES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads the header to 8-byte alignment
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head, *blobs):
+            f.write(chunk)
+            digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map a shard: name -> read-only array view, and its metadata. BadInput if bad."""
+    try:
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        n = int.from_bytes(bytes(buf[:8]), "little")
+        header = json.loads(bytes(buf[8 : 8 + n]))
+        base = 8 + n
+        arrays = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            dt = _NP_DTYPES[info["dtype"]]
+            if base + b > buf.size:
+                raise ValueError("truncated")
+            arrays[name] = buf[base + a : base + b].view(dt).reshape(info["shape"])
+        return arrays, header.get("__metadata__", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(
+            f"cache shard {path} is unreadable ({e}): run `mlx-distill cache verify`"
+        ) from None
+
+
+def read_manifest(path: Path) -> dict:
+    """Load `path/manifest.json`; BadInput when missing, malformed or from a newer schema."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise BadInput(f"{path} is not a teacher cache: {MANIFEST} not found")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{file}: unreadable manifest ({e})") from None
+    schema = manifest.get("schema")
+    if not isinstance(schema, int):
+        raise BadInput(f"{file}: manifest has no schema version")
+    if schema > SCHEMA:
+        raise BadInput(
+            f"{path}: cache written by a newer mlx-distill (schema {schema}, this version reads "
+            f"up to {SCHEMA}); upgrade mlx-distill or rebuild the cache"
+        )
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replace `path/manifest.json` atomically."""
+    file = Path(path) / MANIFEST
+    tmp = file.with_name(MANIFEST + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    # fsync the directory so the rename itself survives a crash
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

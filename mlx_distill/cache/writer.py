@@ -1,0 +1,239 @@
+"""Build a token cache from a local teacher: batched scoring, atomic shards, resumable.
+
+Rows are assigned to shards by position (shard s holds rows [s * shard_rows, (s + 1) *
+shard_rows)), so a shard's content depends only on the examples and the settings. Each shard is
+written to a temp file, fsynced and renamed; then the manifest (same protocol) records it with its
+checksum. A run killed at any moment leaves finished shards listed, at most one shard file that
+the manifest does not list yet (rewritten, identically, on the next run) and stray temp files
+(removed). Running again with the same arguments writes the missing shards only, so every row ends
+up present exactly once. The manifest's `data_sha256` (a hash of every example's tokens and mask)
+refuses a resume onto different examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_distill.cache import format as fmt
+from mlx_distill.cache.sparse import RowTargets
+from mlx_distill.errors import BadInput
+from mlx_distill.recipe import fingerprint as fingerprint_hash
+from mlx_distill.text.examples import TokenizedExample
+
+
+def build_token_cache(
+    teacher,
+    examples: Sequence[TokenizedExample],
+    out_dir: str | Path,
+    *,
+    targets: str = "topk",
+    k: int = 16,
+    samples: int = 32,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    shard_rows: int = 1024,
+    seed: int = 0,
+    fingerprint: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score `examples` with `teacher` (a LocalTeacher) into a cache at `out_dir`.
+
+    targets: "topk" keeps k ids per position; "sample" draws `samples` ids per position (RS-KD).
+    fingerprint: extra fields the targets depend on (chat template hash, the student tokenizer's
+    `vocab_hash`, ...). A `vocab_hash` that differs from the teacher's is refused: token targets
+    need a shared tokenizer. Returns the manifest.
+    """
+    if targets not in ("topk", "sample"):
+        raise BadInput(f"cache targets {targets!r}: expected topk or sample")
+    if k <= 0 or samples <= 0 or batch_size <= 0 or shard_rows <= 0 or temperature <= 0:
+        raise BadInput("cache k, samples, batch_size, shard_rows and temperature must be > 0")
+    if not examples:
+        raise BadInput("no examples to cache")
+    extra = dict(fingerprint or {})
+    if "vocab_hash" in extra and extra["vocab_hash"] != teacher.vocab_hash:
+        raise BadInput(
+            f"teacher {teacher.id} tokenizer differs from the student's (vocab hash "
+            f"{teacher.vocab_hash} vs {extra['vocab_hash']}): token targets need a shared tokenizer"
+        )
+    fp: dict[str, Any] = {
+        "schema": fmt.SCHEMA,
+        "teacher": teacher.id,
+        "teacher_version": teacher.version,
+        "teacher_params": teacher.params,
+        "vocab_hash": teacher.vocab_hash,
+        "vocab_size": teacher.vocab_size,
+        "targets": targets,
+        "k": k,
+        "samples": samples,
+        "temperature": float(temperature),
+        **extra,
+    }
+    # Normalise through JSON so a resumed run compares like with like (tuples, numpy ints).
+    fp = json.loads(json.dumps(fp, default=str))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_sha = _data_hash(examples)
+    total = len(examples)
+    manifest = {
+        "schema": fmt.SCHEMA,
+        "kind": "tokens",
+        "fingerprint": fp,
+        "fingerprint_hash": fingerprint_hash(fp),
+        "data_sha256": data_sha,
+        "total_rows": total,
+        "shard_rows": shard_rows,
+        "seed": seed,
+        "encoding": {
+            "id_bits": fmt.id_bits(teacher.vocab_size),
+            "values": "loglinear8" if targets == "topk" else "counts",
+        },
+        "shards": [],
+    }
+    if (out_dir / fmt.MANIFEST).exists():
+        manifest = _resume(out_dir, manifest)
+    for stray in out_dir.glob("*.tmp*"):
+        stray.unlink()
+    done = {s["index"] for s in manifest["shards"]}
+    n_shards = (total + shard_rows - 1) // shard_rows
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=sum(s["rows"] for s in manifest["shards"]), unit="row")
+        bar.set_description(f"teacher cache {out_dir.name}")
+    for index in range(n_shards):
+        if index in done:
+            continue
+        lo, hi = index * shard_rows, min(total, (index + 1) * shard_rows)
+        rows = examples[lo:hi]
+        # Score in length order so each batch pads little; results go back to row order.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens))
+        scored: list[RowTargets | None] = [None] * len(rows)
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            got = teacher.score(
+                [rows[i] for i in idx],
+                targets=targets,
+                k=k,
+                samples=samples,
+                temperature=temperature,
+                seed=seed,
+                row_ids=[lo + i for i in idx],
+            )
+            for i, t in zip(idx, got):
+                scored[i] = t
+            if bar is not None:
+                bar.update(len(idx))
+        arrays, stats = encode_shard(rows, scored, teacher.vocab_size, targets, samples)
+        meta = {"index": str(index), "first_row": str(lo), "rows": str(hi - lo)}
+        written = fmt.write_shard(out_dir / fmt.shard_name(index), arrays, meta)
+        manifest["shards"].append(
+            {"index": index, "file": fmt.shard_name(index), "first_row": lo, "rows": hi - lo}
+            | stats
+            | written
+        )
+        manifest["shards"].sort(key=lambda s: s["index"])
+        _summarize(manifest)
+        fmt.write_manifest(out_dir, manifest)
+    if bar is not None:
+        bar.close()
+    _summarize(manifest)
+    fmt.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def encode_shard(
+    rows: Sequence[TokenizedExample],
+    scored: Sequence[RowTargets],
+    vocab_size: int,
+    targets: str,
+    samples: int,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Flatten rows and their targets into the shard arrays described in `format`.
+
+    For `sample` targets, log-weights log(c / n) are stored as the exact draw counts c.
+    """
+    lengths = np.array([len(ex.tokens) for ex in rows], dtype=np.int64)
+    entries = np.array([len(t.ids) for t in scored], dtype=np.int64)
+    counts = np.concatenate([t.counts for t in scored]).astype(np.int64)
+    ids = np.concatenate([t.ids for t in scored])
+    lps = np.concatenate([t.logprobs for t in scored])
+    max_count = int(counts.max()) if counts.size else 0
+    arrays = {
+        "row_tokens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "row_entries": np.concatenate([[0], np.cumsum(entries)]).astype(np.int64),
+        "tokens": np.concatenate([ex.tokens for ex in rows]).astype(fmt.token_dtype(vocab_size)),
+        "mask": np.concatenate([ex.mask for ex in rows]).astype(np.bool_),
+        "counts": counts.astype(np.uint8 if max_count <= 255 else np.uint16),
+        "ids": fmt.pack_ids(ids, fmt.id_bits(vocab_size)),
+    }
+    if targets == "topk":
+        width = max_count
+        codes, ranges = fmt.encode_topk(lps.reshape(-1, width) if width else lps.reshape(0, 1))
+        arrays["codes"] = codes.reshape(-1)
+        arrays["ranges"] = ranges
+    else:
+        draws = np.rint(np.exp(lps.astype(np.float64)) * samples).astype(np.int64)
+        arrays["codes"] = draws.astype(np.uint8 if draws.max(initial=0) <= 255 else np.uint16)
+    text = [json.dumps(ex.text, ensure_ascii=False, default=str).encode() for ex in rows]
+    arrays["row_text"] = np.concatenate([[0], np.cumsum([len(t) for t in text])]).astype(np.int64)
+    arrays["text"] = np.frombuffer(b"".join(text), dtype=np.uint8)
+    stats = {
+        "tokens": int(lengths.sum()),
+        "positions": int(counts.size),
+        "entries": int(entries.sum()),
+        "max_entries": max_count,
+    }
+    return arrays, stats
+
+
+def _data_hash(examples: Sequence[TokenizedExample]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(len(ex.tokens).to_bytes(8, "little"))
+        digest.update(ex.tokens.astype(np.int32).tobytes())
+        digest.update(np.packbits(ex.mask).tobytes())
+    return digest.hexdigest()
+
+
+def _resume(out_dir: Path, fresh: dict) -> dict:
+    """Continue an existing cache: same fingerprint, data and sharding; drop damaged shards."""
+    old = fmt.read_manifest(out_dir)
+    if old.get("kind") != "tokens":
+        raise BadInput(f"{out_dir} holds a {old.get('kind')!r} cache, not a token cache")
+    for key in ("fingerprint", "data_sha256", "shard_rows", "total_rows", "seed"):
+        if old.get(key) != fresh[key]:
+            detail = _first_difference(old.get(key), fresh[key]) if key == "fingerprint" else ""
+            raise BadInput(
+                f"{out_dir} was built with a different {key}{detail}; "
+                "delete it or choose another cache directory"
+            )
+    kept = []
+    for shard in old["shards"]:
+        file = out_dir / shard["file"]
+        if file.is_file() and fmt.file_sha256(file) == shard["sha256"]:
+            kept.append(shard)
+    fresh["shards"] = kept
+    return fresh
+
+
+def _first_difference(old: Any, new: Any) -> str:
+    for key in sorted(set(old or {}) | set(new or {})):
+        if (old or {}).get(key) != (new or {}).get(key):
+            return f" ({key}: cache has {(old or {}).get(key)!r}, now {(new or {}).get(key)!r})"
+    return ""
+
+
+def _summarize(manifest: dict) -> None:
+    shards = manifest["shards"]
+    manifest["rows"] = sum(s["rows"] for s in shards)
+    manifest["tokens"] = sum(s["tokens"] for s in shards)
+    manifest["positions"] = sum(s["positions"] for s in shards)
+    manifest["max_entries"] = max((s["max_entries"] for s in shards), default=0)
+    manifest["complete"] = manifest["rows"] == manifest["total_rows"]

@@ -1,0 +1,208 @@
+"""A local teacher: any mlx-lm model folder (full precision or 4/8-bit quantized).
+
+`score` runs tokenized sequences through the model in batches and returns sparse targets
+(top-k or sampled) for the positions that carry loss; `generate` answers prompts with sampling
+parameters (sequence-level KD). Token targets need the student's tokenizer: compare
+`teacher.vocab_hash` (the token -> id map), not only the size. Models whose embedding has more
+rows than the tokenizer has ids (Qwen2.5 pads 151,665 ids to 151,936 rows) get their logits cut
+to the tokenizer's ids and renormalized; a warning says so once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_distill.cache.sparse import RowTargets, sample_targets, topk_targets
+from mlx_distill.errors import BadInput
+from mlx_distill.teachers.base import Completion
+from mlx_distill.text.examples import TokenizedExample
+from mlx_distill.text.tokenizer import vocab_hash
+
+
+class LocalTeacher:
+    """An mlx-lm model as teacher.
+
+    source: a model folder (read with `mlx_lm.load`) or a `(model, tokenizer)` pair.
+    name: the teacher id in cache fingerprints (default: the folder path, or "local").
+    max_logits_mb: the largest (rows, T, V) float32 logits block one forward pass may produce;
+    bigger batches are split into row chunks.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | tuple[nn.Module, Any],
+        *,
+        name: str | None = None,
+        max_logits_mb: int = 256,
+    ) -> None:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not (path / "config.json").is_file():
+                raise BadInput(f"teacher folder {path}: no config.json (expected an mlx-lm model)")
+            import mlx_lm
+
+            try:
+                model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
+            except (ValueError, FileNotFoundError, KeyError) as e:
+                raise BadInput(f"teacher folder {path}: cannot load ({e})") from None
+            self.id = name or str(path)
+            quant = config.get("quantization")
+        else:
+            model, tokenizer = source
+            self.id = name or "local"
+            quant = getattr(getattr(model, "args", None), "quantization", None)
+        self.model = model
+        self.tokenizer = tokenizer
+        vocab = tokenizer.get_vocab()
+        self.vocab_size = max(vocab.values()) + 1
+        self.vocab_hash = vocab_hash(tokenizer)
+        self.version = _weights_hash(model)
+        self.params: dict[str, Any] = {
+            "quantization": quant,
+            "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
+        }
+        self.max_logits_bytes = max_logits_mb << 20
+        self._warned_padding = False
+
+    def _logits(self, tokens: mx.array) -> mx.array:
+        """(B, T) int32 -> (B, T, V_tok) float32 logits, padded embedding rows removed."""
+        logits = self.model(tokens).astype(mx.float32)
+        rows = logits.shape[-1]
+        if rows < self.vocab_size:
+            raise BadInput(
+                f"teacher {self.id}: {rows} output rows but its tokenizer has "
+                f"{self.vocab_size} ids; model and tokenizer do not belong together"
+            )
+        if rows > self.vocab_size:
+            if not self._warned_padding:
+                warnings.warn(
+                    f"teacher {self.id}: {rows} output rows for {self.vocab_size} tokenizer ids; "
+                    f"ignoring the {rows - self.vocab_size} padded rows",
+                    stacklevel=3,
+                )
+                self._warned_padding = True
+            logits = logits[..., : self.vocab_size]
+        return logits
+
+    def score(
+        self,
+        examples: Sequence[TokenizedExample],
+        *,
+        targets: str = "topk",
+        k: int = 16,
+        samples: int = 32,
+        temperature: float = 1.0,
+        seed: int = 0,
+        row_ids: Sequence[int] | None = None,
+    ) -> list[RowTargets]:
+        """Sparse targets for each example's loss positions (t with mask[t + 1]).
+
+        examples: sequences tokenized with the teacher's tokenizer; they are right-padded into
+        one (B, T) batch (causal attention: padding never affects real positions).
+        targets: "topk" (k ids per position) or "sample" (RS-KD, `samples` draws per position).
+        row_ids: each example's global index; the sampling RNG of a row is seeded with
+        (seed, row id), so results do not depend on how rows are batched (resume-safe).
+        Returns one RowTargets per example, log-probs at `temperature`.
+        """
+        if targets not in ("topk", "sample"):
+            raise BadInput(f"cache targets {targets!r}: expected topk or sample")
+        row_ids = list(range(len(examples))) if row_ids is None else list(row_ids)
+        T = max(len(ex.tokens) for ex in examples)
+        batch = np.zeros((len(examples), T), dtype=np.int32)
+        for r, ex in enumerate(examples):
+            if len(ex.tokens) and int(ex.tokens.max()) >= self.vocab_size:
+                raise BadInput(
+                    f"token id {int(ex.tokens.max())} is outside the teacher's "
+                    f"{self.vocab_size}-id vocabulary: examples use another tokenizer"
+                )
+            batch[r, : len(ex.tokens)] = ex.tokens
+        per_row = self.vocab_size * T * 4
+        chunk = max(1, self.max_logits_bytes // per_row)
+        out: list[RowTargets] = []
+        for c0 in range(0, len(examples), chunk):
+            rows = examples[c0 : c0 + chunk]
+            logits = self._logits(mx.array(batch[c0 : c0 + chunk]))
+            # Gather only the positions that carry loss: t < len - 1 with mask[t + 1].
+            pos = [np.flatnonzero(ex.mask[1:]) for ex in rows]
+            flat = np.concatenate([r * T + p for r, p in enumerate(pos)]).astype(np.int32)
+            if flat.size == 0:
+                empty = np.zeros(0, dtype=np.int32)
+                out.extend(RowTargets(empty, empty, empty.astype(np.float32)) for _ in rows)
+                continue
+            lp = logits.reshape(-1, logits.shape[-1])[mx.array(flat)] / temperature
+            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+            splits = np.cumsum([len(p) for p in pos])[:-1]
+            if targets == "topk":
+                ids, vals = topk_targets(lp, k)
+                for i, v in zip(np.split(ids, splits), np.split(vals, splits)):
+                    counts = np.full(len(i), i.shape[1], dtype=np.int32)
+                    out.append(RowTargets(counts, i.reshape(-1), v.reshape(-1)))
+            else:
+                lp_np = np.array(lp, dtype=np.float32)
+                for r, part in enumerate(np.split(lp_np, splits)):
+                    rng = np.random.default_rng([seed, row_ids[c0 + r]])
+                    counts, ids, draws = sample_targets(part, samples, rng)
+                    logw = np.log(draws / samples).astype(np.float32)
+                    out.append(RowTargets(counts, ids, logw))
+        return out
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        chat: bool = True,
+    ) -> list[Completion]:
+        """Answer each prompt (sequence-level KD). temperature 0 is greedy decoding.
+
+        chat: wrap each prompt in the tokenizer's chat template when it has one.
+        The generation RNG is seeded with (seed + prompt index) so answers are reproducible.
+        """
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
+        has_template = chat and getattr(self.tokenizer, "chat_template", None)
+        results = []
+        for i, prompt in enumerate(prompts):
+            mx.random.seed(seed + i)
+            if has_template:
+                messages = [{"role": "user", "content": prompt}]
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            else:
+                ids = self.tokenizer.encode(prompt)
+            text, last = [], None
+            for last in stream_generate(
+                self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler
+            ):
+                text.append(last.text)
+            usage = {
+                "prompt_tokens": len(ids),
+                "completion_tokens": last.generation_tokens if last else 0,
+            }
+            reason = (last.finish_reason if last else None) or "length"
+            results.append(Completion(prompt, "".join(text), finish_reason=reason, usage=usage))
+        return results
+
+
+def _weights_hash(model: nn.Module) -> str:
+    """sha256 of every parameter's name, dtype, shape and bytes: the teacher's version."""
+    digest = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        arr = np.array(value.astype(mx.float32) if value.dtype == mx.bfloat16 else value)
+        digest.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()[:16]

@@ -185,8 +185,8 @@ def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         ) from None
 
 
-def read_manifest(path: Path) -> dict:
-    """Load `path/manifest.json`; BadInput when missing, malformed or from a newer schema."""
+def read_json_manifest(path: Path) -> dict:
+    """`path/manifest.json` as a dict, of any cache kind; BadInput when missing or malformed."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise BadInput(f"{path} is not a teacher cache: {MANIFEST} not found")
@@ -194,6 +194,15 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"{file}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{file}: unreadable manifest (not a JSON object)")
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    """Load a token cache's manifest; BadInput when missing, malformed or from a newer schema."""
+    file = Path(path) / MANIFEST
+    manifest = read_json_manifest(path)
     schema = manifest.get("schema")
     if not isinstance(schema, int):
         raise BadInput(f"{file}: manifest has no schema version")

@@ -171,9 +171,9 @@ def _norm(value: Any) -> Any:
 def cache_info(path: str | Path) -> dict:
     """Summary of a cache: rows, tokens, bytes, bytes/token, teacher, targets, k, fingerprint."""
     path = Path(path)
-    manifest = fmt.read_manifest(path)
-    if manifest.get("kind") == "records":
+    if fmt.read_json_manifest(path).get("kind") == "records":
         return _records_module(path).records_info(path)
+    manifest = fmt.read_manifest(path)
     fp = manifest["fingerprint"]
     shard_bytes = sum(s["bytes"] for s in manifest["shards"])
     total = shard_bytes + (path / fmt.MANIFEST).stat().st_size
@@ -210,9 +210,9 @@ def verify_cache(path: str | Path) -> dict:
     Raises BadInput naming the first bad shard; returns a report dict when all is well.
     """
     path = Path(path)
-    manifest = fmt.read_manifest(path)
-    if manifest.get("kind") == "records":
+    if fmt.read_json_manifest(path).get("kind") == "records":
         return _records_module(path).records_verify(path)
+    manifest = fmt.read_manifest(path)
     if fingerprint_hash(manifest["fingerprint"]) != manifest.get("fingerprint_hash"):
         raise BadInput(f"cache {path}: manifest fingerprint was edited (hash mismatch)")
     rows = tokens = 0

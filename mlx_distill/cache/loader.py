@@ -237,5 +237,5 @@ class Loader:
         self._batches = int(state["batches"])
 
     def __del__(self) -> None:
-        if self._thread is not None:
+        if getattr(self, "_thread", None) is not None:
             self._stop.set()

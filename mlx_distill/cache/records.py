@@ -87,7 +87,7 @@ def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("records-*.jsonl"))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -216,7 +216,8 @@ class RecordStore:
     def set_meta(self, **items: Any) -> None:
         """Store run facts (batch job ids, logprobs downgrade) in the manifest, durably now."""
         with self._lock:
-            self.meta.update(items)
+            # A copy: later changes to the caller's objects must not reach the manifest unasked.
+            self.meta.update(json.loads(json.dumps(items)))
             self._write_manifest_locked()
 
     def counts(self) -> dict[str, int]:
@@ -247,7 +248,7 @@ class RecordStore:
             "cost_usd": round(self.cost_usd, 9),
             "meta": self.meta,
         }
-        _write_json_atomic(self.path / MANIFEST, manifest)
+        write_json_atomic(self.path / MANIFEST, manifest)
         self._last_manifest = time.monotonic()
 
     def close(self) -> None:

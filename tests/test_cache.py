@@ -224,3 +224,24 @@ def test_not_a_cache_and_bad_arguments(teacher, tmp_path):
         build_token_cache(teacher, random_examples(2, V, 0), tmp_path, k=0)
     with pytest.raises(BadInput, match="outside the teacher's 97-id vocabulary"):
         build_token_cache(teacher, random_examples(2, 120, 0, lo=30), tmp_path, progress=False)
+
+
+def test_records_cache_dispatch(tmp_path):
+    records = pytest.importorskip("mlx_distill.cache.records")
+    with records.RecordStore(tmp_path, {"id": "api-teacher", "params": {}}) as store:
+        store.append([{"key": "a", "status": "ok", "prompt": "p", "text": "t"}])
+    info = cache_info(tmp_path)
+    assert info["kind"] == "records" and info["rows"] == 1
+    assert verify_cache(tmp_path)["answered"] == 1
+    with pytest.raises(BadInput, match="holds a 'records' cache, not token targets"):
+        open_cache(tmp_path)
+
+
+def test_topk_resume_ignores_seed_sample_does_not(teacher, tmp_path):
+    examples = random_examples(5, V, seed=8)
+    build_token_cache(teacher, examples, tmp_path / "t", k=3, seed=1, progress=False)
+    again = build_token_cache(teacher, examples, tmp_path / "t", k=3, seed=2, progress=False)
+    assert again["complete"]
+    build_token_cache(teacher, examples, tmp_path / "s", targets="sample", seed=1, progress=False)
+    with pytest.raises(BadInput, match="different seed"):
+        build_token_cache(teacher, examples, tmp_path / "s", targets="sample", seed=2)

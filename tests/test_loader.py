@@ -164,3 +164,26 @@ def test_bad_arguments():
         Loader([], batch_size=2, seq_len=4)
     with pytest.raises(BadInput, match="must be > 0"):
         Loader(random_examples(2, V, 0), batch_size=0, seq_len=4)
+
+
+@pytest.mark.parametrize("targets", ["topk", "sample"])
+def test_batches_feed_distill_loss(tmp_path, targets):
+
+    from mlx_distill.kernels import distill_loss
+    from mlx_distill.models import hidden_states, lm_head_weight
+
+    model, _ = tiny_model(V, seed=6)
+    teacher = LocalTeacher((model, tiny_tokenizer(V)))
+    examples = random_examples(12, V, seed=10)
+    build_token_cache(teacher, examples, tmp_path, targets=targets, k=8, samples=32, progress=False)
+    batch = next(Loader(open_cache(tmp_path), batch_size=12, seq_len=40, seed=0))
+    hidden = hidden_states(model, batch.tokens)
+    loss, metrics = distill_loss(hidden, lm_head_weight(model), batch.targets, mask=batch.mask)
+    kd, covered = float(metrics["kd"]), float(metrics["covered_mass"])
+    assert np.isfinite(float(loss))
+    if targets == "topk":
+        # the teacher as its own student: KL(p || p) up to the stated 8-bit quantization error
+        assert kd < 2e-3 and 0.5 < covered <= 1.0 + 1e-3
+    else:
+        # sampled weights sum to 1 at every position; KL of the estimate is positive
+        assert abs(covered - 1.0) < 1e-4 and kd > 0

@@ -145,9 +145,10 @@ def open_cache(path: str | Path, expect: dict | None = None) -> TokenCache:
     cache, or (when rows are read) a corrupted shard.
     """
     path = Path(path)
+    kind = fmt.read_json_manifest(path).get("kind")
+    if kind != "tokens":
+        raise BadInput(f"{path} holds a {kind!r} cache, not token targets")
     manifest = fmt.read_manifest(path)
-    if manifest.get("kind") != "tokens":
-        raise BadInput(f"{path} holds a {manifest.get('kind')!r} cache, not token targets")
     fp = manifest["fingerprint"]
     for key, want in (expect or {}).items():
         have = fp.get(key, "(absent)")

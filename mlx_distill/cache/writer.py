@@ -88,7 +88,7 @@ def build_token_cache(
         "data_sha256": data_sha,
         "total_rows": total,
         "shard_rows": shard_rows,
-        "seed": seed,
+        "seed": seed if targets == "sample" else None,  # top-k targets do not depend on it
         "encoding": {
             "id_bits": fmt.id_bits(teacher.vocab_size),
             "values": "loglinear8" if targets == "topk" else "counts",
@@ -204,9 +204,10 @@ def _data_hash(examples: Sequence[TokenizedExample]) -> str:
 
 def _resume(out_dir: Path, fresh: dict) -> dict:
     """Continue an existing cache: same fingerprint, data and sharding; drop damaged shards."""
+    kind = fmt.read_json_manifest(out_dir).get("kind")
+    if kind != "tokens":
+        raise BadInput(f"{out_dir} holds a {kind!r} cache, not a token cache")
     old = fmt.read_manifest(out_dir)
-    if old.get("kind") != "tokens":
-        raise BadInput(f"{out_dir} holds a {old.get('kind')!r} cache, not a token cache")
     for key in ("fingerprint", "data_sha256", "shard_rows", "total_rows", "seed"):
         if old.get(key) != fresh[key]:
             detail = _first_difference(old.get(key), fresh[key]) if key == "fingerprint" else ""

@@ -168,7 +168,6 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("targets", ["topk", "sample"])
 def test_batches_feed_distill_loss(tmp_path, targets):
-
     from mlx_distill.kernels import distill_loss
     from mlx_distill.models import hidden_states, lm_head_weight
 

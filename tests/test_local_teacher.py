@@ -149,3 +149,14 @@ def test_generate_greedy_matches_argmax_and_sampling_is_seeded(folder):
 def test_bad_folder(tmp_path):
     with pytest.raises(BadInput, match="no config.json"):
         LocalTeacher(tmp_path)
+
+
+def test_version_hash_tracks_weights_in_any_dtype():
+    model, _ = tiny_model(V, seed=8)
+    model.set_dtype(mx.bfloat16)
+    tok = tiny_tokenizer(V)
+    before = LocalTeacher((model, tok)).version
+    assert LocalTeacher((model, tok)).version == before
+    w = model.model.norm.weight
+    model.model.norm.weight = mx.concatenate([w[:1] + 1, w[1:]])
+    assert LocalTeacher((model, tok)).version != before

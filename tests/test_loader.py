@@ -186,3 +186,21 @@ def test_batches_feed_distill_loss(tmp_path, targets):
     else:
         # sampled weights sum to 1 at every position; KL of the estimate is positive
         assert abs(covered - 1.0) < 1e-4 and kd > 0
+
+
+def test_abandoned_loader_stops_its_thread(built):
+    import gc
+    import threading
+    import time
+
+    examples, _ = built
+    before = threading.active_count()
+    loader = Loader(examples, batch_size=2, seq_len=8, seed=0)
+    next(loader)
+    assert threading.active_count() == before + 1
+    del loader
+    gc.collect()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -161,10 +162,16 @@ class Loader:
         ids[b, offset + pos[keep], slot[keep]] = row_ids[keep]
         lps[b, offset + pos[keep], slot[keep]] = row_lps[keep]
 
-    def _worker(self, position: int, out: queue.Queue, stop: threading.Event) -> None:
+    @staticmethod
+    def _worker(ref: weakref.ref, position: int, out: queue.Queue, stop: threading.Event) -> None:
+        # A weak reference: an abandoned Loader can be collected, and its __del__ stops us.
         try:
             while not stop.is_set():
-                item = self._make(position)
+                loader = ref()
+                if loader is None:
+                    return
+                item = loader._make(position)
+                del loader
                 position = item[1]
                 while not stop.is_set():
                     try:
@@ -185,7 +192,9 @@ class Loader:
             self._stop = threading.Event()
             self._queue = queue.Queue(maxsize=self.prefetch)
             self._thread = threading.Thread(
-                target=self._worker, args=(self._position, self._queue, self._stop), daemon=True
+                target=Loader._worker,
+                args=(weakref.ref(self), self._position, self._queue, self._stop),
+                daemon=True,
             )
             self._thread.start()
         item = self._queue.get()

@@ -242,6 +242,12 @@ _STATES = ["BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"]
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle + delayed ACK add
+        # ~40 ms to every response and the bench would measure the fake, not the client.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, *args: Any) -> None:  # keep test output clean
         pass
 
@@ -403,3 +409,23 @@ class _Handler(BaseHTTPRequestHandler):
         if "output" in job:
             meta["output"] = job["output"]
         return {"name": f"batches/{job['name']}", "metadata": meta}
+
+
+def main() -> None:
+    """`python tests/fake_gemini.py [--key K] [--latency S]`: serve until stdin closes.
+
+    Prints the base URL on the first line of stdout (used by `mlx-distill bench teacher`)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--key", default="test-key")
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    with FakeGemini(key=args.key, latency_s=args.latency) as fake:
+        print(fake.base_url, flush=True)
+        sys.stdin.read()  # the parent closes our stdin (or dies) when it is done
+
+
+if __name__ == "__main__":
+    main()

@@ -269,3 +269,15 @@ def test_kill_and_resume_no_loss_no_duplicates(tmp_path):
     counts = ok_lines(out)
     assert len(counts) == 60 and set(counts.values()) == {1}  # none lost, none twice
     assert records_verify(out)["answered"] == 60
+
+
+def test_bench_teacher_reports_each_level():
+    from mlx_distill.teachers.bench import bench_teacher
+
+    report = bench_teacher(requests=12, levels=(1, 4))
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
+    for lv in report["levels"]:
+        assert lv["failed"] == 0 and lv["requests"] == 12
+        assert lv["requests_per_s"] == pytest.approx(12 / lv["seconds"], rel=0.02)
+        assert 0 < lv["client_cpu_ms_per_request"] < 1000 * lv["seconds"] / 12 * 2
+    assert KEY not in json.dumps(report) and os.environ["GEMINI_API_KEY"] == KEY  # restored

@@ -1,0 +1,117 @@
+"""Evaluation: held-out exact match, perplexity and teacher/student top-1 agreement.
+
+Accuracy generates greedily (mlx-lm's batched generator) and checks the answer with the task's
+checker. Perplexity and agreement are teacher-forced on the reference completions, over the
+answer tokens only, and go through the hidden states and LM head in row chunks so they never
+hold (tokens, V) logits for a whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_distill.kernels import distill_loss
+from mlx_distill.kernels.loss import forward_only
+from mlx_distill.models import hidden_states, lm_head_weight
+from mlx_distill.text.examples import TokenizedExample
+from mlx_distill.text.tokenizer import prompt_text
+
+ROW_CHUNK = 1024
+
+
+def _batches(examples: Sequence[TokenizedExample], batch_size: int):
+    """Right-padded (tokens, labels, mask) batches; mask marks answer positions."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        L = max(len(e.tokens) for e in chunk) - 1
+        tokens = np.zeros((len(chunk), L), np.int32)
+        labels = np.zeros((len(chunk), L), np.int32)
+        mask = np.zeros((len(chunk), L), bool)
+        for r, e in enumerate(chunk):
+            n = len(e.tokens) - 1
+            tokens[r, :n], labels[r, :n], mask[r, :n] = e.tokens[:-1], e.tokens[1:], e.mask[1:]
+        yield mx.array(tokens), mx.array(labels), mx.array(mask)
+
+
+def perplexity(model, examples: Sequence[TokenizedExample], batch_size: int = 32) -> float:
+    """exp(mean cross-entropy) over the answer tokens."""
+    total, count = 0.0, 0
+    weight = lm_head_weight(model)
+    with forward_only():
+        for tokens, labels, mask in _batches(examples, batch_size):
+            n = int(mask.sum().item())
+            if n == 0:
+                continue
+            loss, _ = distill_loss(
+                hidden_states(model, tokens), weight, None, kind="ce", labels=labels, mask=mask
+            )
+            total += loss.item() * n
+            count += n
+    return math.exp(total / max(count, 1))
+
+
+def _argmax_rows(hidden: mx.array, weight: mx.array) -> mx.array:
+    """argmax over the vocabulary of hidden @ weight.T, in row chunks."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = [
+        mx.argmax(flat[i : i + ROW_CHUNK] @ weight.T, axis=-1)
+        for i in range(0, flat.shape[0], ROW_CHUNK)
+    ]
+    return mx.concatenate(out).reshape(hidden.shape[:-1])
+
+
+def top1_agreement(
+    student, teacher, examples: Sequence[TokenizedExample], batch_size: int = 32
+) -> float:
+    """Fraction of answer positions where student and teacher predict the same next token."""
+    agree, count = 0, 0
+    ws, wt = lm_head_weight(student), lm_head_weight(teacher)
+    for tokens, _, mask in _batches(examples, batch_size):
+        s = _argmax_rows(hidden_states(student, tokens), ws)
+        t = _argmax_rows(hidden_states(teacher, tokens), wt)
+        agree += int(((s == t) & mask).sum().item())
+        count += int(mask.sum().item())
+    return agree / max(count, 1)
+
+
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, progress=None
+) -> list[str]:
+    """Greedy completions for chat prompts, in batches."""
+    from mlx_lm import batch_generate
+
+    texts: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        ids = [tokenizer.encode(prompt_text(tokenizer, p), add_special_tokens=False) for p in chunk]
+        texts += batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens).texts
+        if progress is not None:
+            progress.update(len(chunk))
+    return texts
+
+
+def exact_match(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    check: Callable[[str, str], bool],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress=None,
+) -> tuple[float, list[str]]:
+    """Accuracy of greedy answers on records with `prompt` and `answer`; also the outputs."""
+    outputs = generate_answers(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    correct = [check(text, r["answer"]) for text, r in zip(outputs, records)]
+    return float(np.mean(correct)), outputs

@@ -1,0 +1,189 @@
+"""Arithmetic word problems with worked, column-by-column solutions.
+
+The quickstart's task: small enough for a few-million-parameter teacher to solve reliably after
+minutes of CPU training, hard enough that a smaller student trained briefly does not. Problems
+are one step (add, subtract, multiply by a digit) with varied phrasings; each solution
+works every column with its carry or borrow, then states `Answer: N`, which the checker reads.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Eva",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+    "Uma",
+    "Victor",
+]
+ITEMS = [
+    "apples",
+    "stickers",
+    "marbles",
+    "coins",
+    "books",
+    "pencils",
+    "stamps",
+    "shells",
+    "cards",
+    "beads",
+    "cookies",
+    "tickets",
+    "seeds",
+    "bricks",
+    "buttons",
+    "candles",
+]
+
+START = [
+    "{name} has {a} {item}.",
+    "{name} had {a} {item}.",
+    "A box holds {a} {item}.",
+    "{name} owns {a} {item}.",
+]
+ADD = [
+    "{name} buys {b} more.",
+    "A friend gives {name} {b} more.",
+    "{name} finds {b} more.",
+    "{name} gets {b} more.",
+]
+SUB = [
+    "{name} gives away {b}.",
+    "{name} sells {b}.",
+    "{name} loses {b}.",
+    "{name} uses {b}.",
+]
+MUL = [
+    "{name} has {b} bags of {a} {item}.",
+    "There are {b} boxes of {a} {item}.",
+    "{name} packs {b} rows of {a} {item}.",
+]
+QUESTION = [
+    "How many {item} now?",
+    "How many {item} are there now?",
+    "How many {item} are left?",
+]
+QUESTION_MUL = [
+    "How many {item} in total?",
+    "How many {item} in all?",
+]
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]
+
+
+def _add_steps(a: int, b: int, rng: random.Random) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    lines, carry = [f"{a}+{b}:"], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry_text = rng.choice(["carry 1", "keep 1"]) if s >= 10 else "carry 0"
+        lines.append(f"{expr}={s} write {s % 10} {carry_text}")
+        carry = s // 10
+    if carry:
+        lines.append("write 1")
+    lines.append(f"so {a}+{b}={a + b}")
+    return lines
+
+
+def _sub_steps(a: int, b: int, rng: random.Random) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    lines, borrow = [f"{a}-{b}:"], 0
+    for i in range(len(da)):
+        x, y = da[i], (db[i] if i < len(db) else 0)
+        top = f"{x}-1" if borrow else f"{x}"
+        x -= borrow
+        if x < y:
+            take = rng.choice(["borrow 10", "take 10"])
+            lines.append(f"{top}<{y} {take}: {x + 10}-{y}={x + 10 - y}")
+            borrow = 1
+        else:
+            lines.append(f"{top}-{y}={x - y}")
+            borrow = 0
+    lines.append(f"so {a}-{b}={a - b}")
+    return lines
+
+
+def _mul_steps(a: int, b: int, rng: random.Random) -> list[str]:
+    lines, carry = [f"{a}x{b}:"], 0
+    for x in _digits(a):
+        p = x * b + carry
+        expr = f"{x}x{b}" + (f"+{carry}" if carry else "")
+        lines.append(f"{expr}={p} write {p % 10} carry {p // 10}")
+        carry = p // 10
+    if carry:
+        lines.append(f"write {carry}")
+    lines.append(f"so {a}x{b}={a * b}")
+    return lines
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem: {'prompt', 'completion', 'answer'}."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choices(["add", "sub", "mul"], weights=[4, 4, 2])[0]
+    fmt = {"name": name, "item": item}
+    if kind == "mul":
+        a, b = rng.randint(12, 99), rng.randint(2, 9)
+        text = [rng.choice(MUL).format(a=a, b=b, **fmt), rng.choice(QUESTION_MUL).format(**fmt)]
+        steps, answer = _mul_steps(a, b, rng), a * b
+    elif kind == "add":
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        text = [
+            rng.choice(START).format(a=a, **fmt),
+            rng.choice(ADD).format(b=b, **fmt),
+            rng.choice(QUESTION[:2]).format(**fmt),
+        ]
+        steps, answer = _add_steps(a, b, rng), a + b
+    else:
+        a = rng.randint(20, 999)
+        b = rng.randint(10, a)
+        text = [
+            rng.choice(START).format(a=a, **fmt),
+            rng.choice(SUB).format(b=b, **fmt),
+            rng.choice(QUESTION).format(**fmt),
+        ]
+        steps, answer = _sub_steps(a, b, rng), a - b
+    completion = "\n".join(steps + [f"Answer: {answer}"])
+    return {"prompt": " ".join(text), "completion": completion, "answer": str(answer)}
+
+
+def generate(n: int, seed: int) -> list[dict]:
+    """n problems from a seeded generator (the same seed gives the same problems)."""
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]
+
+
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the first `Answer:`, or None."""
+    match = _ANSWER.search(text)
+    return match.group(1) if match else None
+
+
+def check(completion: str, answer: str) -> bool:
+    """Exact match of the stated answer."""
+    return extract_answer(completion) == str(answer).strip()

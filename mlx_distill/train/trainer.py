@@ -1,0 +1,195 @@
+"""The training loop shared by the teacher, the distilled student and the baseline.
+
+One compiled step: student hidden states -> `distill_loss` (KD against cached teacher targets
+mixed with CE, or CE alone for the baseline) -> AdamW. `mx.eval` runs once per step, outside the
+compiled function. Checkpoints hold the model, the optimizer state and the loader position, so a
+killed run resumes at the exact batch it stopped at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_distill.kernels import SparseTargets, distill_loss
+from mlx_distill.models import hidden_states, lm_head_weight
+from mlx_distill.recipe import LossConfig, TrainConfig
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    final_loss: float
+    resumed_from: int
+
+
+def schedule(cfg: TrainConfig):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    warmup = max(1, min(cfg.warmup, cfg.steps - 1))
+    decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warmup), cfg.lr * cfg.min_lr_ratio)
+    return optim.join_schedules(
+        [optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup), decay], [warmup]
+    )
+
+
+def make_loss(loss_cfg: LossConfig | None):
+    """The per-batch loss; `loss_cfg=None` means hard labels only (cross-entropy)."""
+
+    def loss_fn(model, tokens, labels, mask, ids, logprobs):
+        hidden = hidden_states(model, tokens)
+        weight = lm_head_weight(model)
+        if loss_cfg is None or ids is None:
+            return distill_loss(hidden, weight, None, kind="ce", labels=labels, mask=mask)
+        return distill_loss(
+            hidden,
+            weight,
+            SparseTargets(ids, logprobs),
+            kind=loss_cfg.kind,
+            beta=loss_cfg.beta,
+            temperature=loss_cfg.temperature,
+            tail=loss_cfg.tail,
+            labels=labels if loss_cfg.kd_weight < 1.0 else None,
+            kd_weight=loss_cfg.kd_weight,
+            mask=mask,
+            chunk_size=loss_cfg.chunk_size,
+        )
+
+    return loss_fn
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
+    return found[-1] if found else None
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, loader, fingerprint: str) -> None:
+    """Write checkpoints/step-NNNNNN atomically; keep the newest KEEP_CHECKPOINTS."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    state = {"step": step, "fingerprint": fingerprint, "loader": loader.state_dict()}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(ckpt: Path, model, optimizer, loader) -> int:
+    state = json.loads((ckpt / "state.json").read_text())
+    model.load_weights(str(ckpt / "model.safetensors"))
+    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    loader.load_state_dict(state["loader"])
+    return int(state["step"])
+
+
+def train(
+    model: nn.Module,
+    loader,
+    cfg: TrainConfig,
+    loss_cfg: LossConfig | None,
+    *,
+    run: str,
+    metrics_path: Path,
+    ckpt_dir: Path,
+    fingerprint: str,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` for cfg.steps batches from `loader`; resume from `ckpt_dir` if it matches.
+
+    Logs {"run", "step", "loss", "ce", "kd", "covered_mass", "lr", "tokens_per_s"} to
+    `metrics_path` every cfg.log_every steps.
+    """
+    from tqdm import tqdm
+
+    mx.random.seed(seed)
+    dtype = getattr(mx, cfg.dtype)
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    loss_fn = make_loss(loss_cfg)
+
+    start = 0
+    ckpt = _latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("fingerprint") == fingerprint:
+            start = _restore(ckpt, model, optimizer, loader)
+        else:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if start == 0 and metrics_path.exists():
+        # A fresh run replaces this run's old curve; other runs' lines are kept.
+        kept = [
+            line for line in metrics_path.read_text().splitlines() if json.loads(line)["run"] != run
+        ]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    state = [model.state, optimizer.state]
+    grad_fn = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens, labels, mask, ids, logprobs):
+        (loss, metrics), grads = grad_fn(model, tokens, labels, mask, ids, logprobs)
+        if cfg.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        return loss, metrics
+
+    model.train()
+    t0 = time.perf_counter()
+    tokens_seen, window_tokens, window_t0 = 0, 0, t0
+    loss_value = math.nan
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc=run, unit="step", disable=not progress, leave=True
+    )
+    batches = iter(loader)
+    with metrics_path.open("a") as log:
+        for it in range(start + 1, cfg.steps + 1):
+            batch = next(batches)
+            ids = batch.targets.ids if batch.targets is not None else None
+            logprobs = batch.targets.logprobs if batch.targets is not None else None
+            loss, metrics = step(batch.tokens, batch.labels, batch.mask, ids, logprobs)
+            mx.eval(loss, metrics, state)
+            n = int(batch.mask.sum().item())
+            tokens_seen += n
+            window_tokens += n
+            bar.update(1)
+            if it % cfg.log_every == 0 or it == cfg.steps:
+                now = time.perf_counter()
+                loss_value = loss.item()
+                record = {
+                    "run": run,
+                    "step": it,
+                    "loss": loss_value,
+                    **{k: float(v.item()) for k, v in metrics.items()},
+                    "lr": float(optimizer.learning_rate.item()),
+                    "tokens_per_s": window_tokens / max(now - window_t0, 1e-9),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                window_tokens, window_t0 = 0, now
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+            if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == cfg.steps:
+                _save_checkpoint(ckpt_dir, it, model, optimizer, loader, fingerprint)
+    bar.close()
+    model.eval()
+    return TrainResult(cfg.steps, time.perf_counter() - t0, tokens_seen, loss_value, start)

@@ -281,3 +281,16 @@ def test_bench_teacher_reports_each_level():
         assert lv["requests_per_s"] == pytest.approx(12 / lv["seconds"], rel=0.02)
         assert 0 < lv["client_cpu_ms_per_request"] < 1000 * lv["seconds"] / 12 * 2
     assert KEY not in json.dumps(report) and os.environ["GEMINI_API_KEY"] == KEY  # restored
+
+
+def test_shipped_recipe_and_prompt_set_load():
+    r = load_recipe(ROOT / "recipes" / "gemini_to_qwen2.5-0.5b_seqkd.yaml")
+    g = r.teacher.gemini
+    assert r.teacher.kind == "gemini" and g.model == "gemini-2.5-flash"
+    assert g.api_version == "v1beta" and g.include_thoughts and g.max_cost == 2.0
+    rows = [json.loads(x) for x in (ROOT / r.data.train).read_text().splitlines()]
+    held = [json.loads(x) for x in (ROOT / r.data.test).read_text().splitlines()]
+    assert len(rows) == 200 and len(held) == 40
+    assert len({x["prompt"] for x in rows + held}) == 240  # no duplicates, no leakage
+    assert all(x["prompt"].strip() and x["answer"].strip() for x in rows + held)
+    assert len({x["category"] for x in rows}) >= 10

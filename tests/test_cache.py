@@ -245,3 +245,21 @@ def test_topk_resume_ignores_seed_sample_does_not(teacher, tmp_path):
     build_token_cache(teacher, examples, tmp_path / "s", targets="sample", seed=1, progress=False)
     with pytest.raises(BadInput, match="different seed"):
         build_token_cache(teacher, examples, tmp_path / "s", targets="sample", seed=2)
+
+
+def test_rows_without_targets_round_trip(teacher, tmp_path):
+    from mlx_distill.text.examples import TokenizedExample
+
+    examples = [
+        TokenizedExample(np.array([5]), np.array([True]), {"n": 1}),
+        TokenizedExample(np.array([5, 6, 7]), np.zeros(3, bool), {"n": 3}),
+        *random_examples(3, V, seed=11),
+    ]
+    build_token_cache(teacher, examples, tmp_path, k=4, shard_rows=2, progress=False)
+    cache = open_cache(tmp_path)
+    assert verify_cache(tmp_path)["rows"] == 5
+    assert cache.row(0).positions.size == 0 and cache.row(1).ids.size == 0
+    assert cache.row(2).ids.size == 4 * cache.row(2).positions.size > 0
+    batch = next(Loader(cache, batch_size=5, seq_len=8, seed=0, shuffle=False))
+    assert not np.array(batch.mask)[:2].any()
+    assert np.all(np.array(batch.targets.logprobs)[:2, :, 0] == 0)

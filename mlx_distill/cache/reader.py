@@ -130,7 +130,8 @@ def open_shard(root: Path, shard: dict, *, check_sum: bool = True) -> dict[str, 
     mask = np.asarray(arrays["mask"], dtype=np.int64)
     bounds = np.asarray(arrays["row_tokens"])
     cum = np.concatenate([[0], np.cumsum(mask)])
-    first = np.where(bounds[1:] > bounds[:-1], mask[np.minimum(bounds[:-1], len(mask) - 1)], 0)
+    head = mask[np.minimum(bounds[:-1], len(mask) - 1)] if len(mask) else np.zeros(rows, int)
+    first = np.where(bounds[1:] > bounds[:-1], head, 0)
     per_row = np.concatenate([[0], np.cumsum(cum[bounds[1:]] - cum[bounds[:-1]] - first)])
     if per_row[-1] != len(arrays["counts"]):
         raise BadInput(f"cache {root}: shard {shard['file']} has inconsistent target counts")

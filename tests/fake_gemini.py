@@ -326,6 +326,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _generate(self, model: str, body: dict) -> None:
         fake = self.fake
         prompt = prompt_of(body)
+        if model.startswith("no-such"):
+            message = f"models/{model} is not found for API version {self.path.split('/')[1]}."
+            return self._send(404, error_body(404, "NOT_FOUND", message))
         if fake.latency_s:
             time.sleep(fake.latency_s)
         fault = fake.fault(prompt)

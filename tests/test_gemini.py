@@ -17,6 +17,7 @@ from fake_gemini import FakeGemini
 from mlx_distill.cache.records import read_records, records_info, records_verify
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import load_recipe
+from mlx_distill.teachers.base import Teacher
 from mlx_distill.teachers.gemini import GeminiTeacher, run_gemini_teacher
 from mlx_distill.teachers.limits import Limiter, server_retry_delay
 
@@ -152,12 +153,25 @@ def test_missing_key_and_bad_prompts(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()  # nothing half-written
 
 
+def test_run_wide_errors_stop_with_a_fix(tmp_path):
+    prompts = [{"prompt": f"Q{i}?"} for i in range(5)]
+    with FakeGemini(key="a-different-key") as fake:
+        with pytest.raises(BadInput, match="rejected the API key: check GEMINI_API_KEY") as e:
+            run_gemini_teacher(recipe(fake), prompts, tmp_path / "a", progress=False)
+    assert KEY not in str(e.value)
+    with FakeGemini(key=KEY) as fake:
+        with pytest.raises(BadInput, match="does not know model no-such-model on API v1beta"):
+            run_gemini_teacher(recipe(fake, model="no-such-model"), prompts, tmp_path / "b")
+    # Not one failed record per prompt: the run stopped, and a fixed rerun asks them all.
+    assert records_info(tmp_path / "a")["rows"] == records_info(tmp_path / "b")["rows"] == 0
+
+
 def test_logprobs_400_detected_once_then_text_only(tmp_path, capsys):
     prompts = [{"prompt": f"Question {i}?"} for i in range(6)]
     out = tmp_path / "records"
     with FakeGemini(key=KEY, refuse_logprobs=True) as fake:
         summary = run_gemini_teacher(
-            recipe(fake, logprobs=5, max_in_flight=1), prompts, out, progress=False
+            recipe(fake, logprobs=5, max_in_flight=1), prompts, out, progress=True
         )
         asked = [r for r in fake.requests if "generateContent" in r["path"]]
         with_lp = [r for r in asked if r["body"]["generationConfig"].get("responseLogprobs")]
@@ -170,7 +184,11 @@ def test_logprobs_400_detected_once_then_text_only(tmp_path, capsys):
         )
     assert summary["done"] == 6 and summary["failed"] == 0
     assert "Logprobs is not enabled" in summary["logprobs_disabled"]
-    assert capsys.readouterr().err.count("log-probs refused") == 1
+    err = capsys.readouterr().err
+    assert err.count("log-probs refused") == 1
+    # The estimate comes first; the progress bar shows done/failed/in-flight, tokens and cost.
+    assert err.startswith("gemini teacher: 6 prompts to ask (0 already answered)")
+    assert "cost at most $" in err and "6/6" in err and "in_flight=0" in err and "cost=$" in err
     assert all(r["tokens"] is None and r["logprobs"] == 0 for r in read_records(out))
 
 
@@ -178,7 +196,9 @@ def test_logprobs_captured_when_served(tmp_path):
     teacher_prompts = ["Say it. [ans=Four apples.]"]
     with FakeGemini(key=KEY) as fake:
         r = recipe(fake, logprobs=4)
-        (completion,) = GeminiTeacher(r.teacher.gemini).generate(teacher_prompts)
+        teacher = GeminiTeacher(r.teacher.gemini)
+        assert isinstance(teacher, Teacher) and teacher.id == "gemini/gemini-2.5-flash"
+        (completion,) = teacher.generate(teacher_prompts)
     assert completion.ok and completion.text == "Four apples."
     assert [t.token for t in completion.tokens] == ["Four", " apples", "."]
     first = completion.tokens[0]
@@ -235,6 +255,7 @@ _CHILD = """
 import json, sys
 from pathlib import Path
 from mlx_distill.recipe import load_recipe
+from mlx_distill.teachers.base import Teacher
 from mlx_distill.teachers.gemini import run_gemini_teacher
 prompts = [json.loads(x) for x in Path(sys.argv[1]).read_text().splitlines()]
 run_gemini_teacher(load_recipe(None, sys.argv[3:]), prompts, Path(sys.argv[2]), progress=False)

@@ -56,6 +56,10 @@ def test_append_reopen_tally_and_torn_tail(tmp_path):
         assert store.status("b") == "ok" and store.status("d") is None
         assert store.counts() == {"ok": 3, "failed": 0, "rows": 4}
     assert last.read_bytes() == good
+    # `mlx-distill cache info|verify` dispatch here on the manifest's kind.
+    from mlx_distill.cache.reader import cache_info, verify_cache
+
+    assert cache_info(tmp_path)["ok"] == 3 and verify_cache(tmp_path)["answered"] == 3
     assert records_verify(tmp_path) == {
         "path": str(tmp_path), "kind": "records", "ok": True, "rows": 4, "answered": 3,
         "shards": 2}  # fmt: skip

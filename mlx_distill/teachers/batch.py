@@ -16,19 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from mlx_distill.cache.records import RecordStore, write_json_atomic
-from mlx_distill.errors import StageFailed
+from mlx_distill.errors import BadInput, StageFailed
 from mlx_distill.recipe import GeminiConfig, fingerprint
 from mlx_distill.teachers.gemini import make_record
 from mlx_distill.teachers.gemini_client import (
     RunState,
-    _failed,
-    _is_transport_error,
+    failed_fields,
+    is_transport_error,
     make_client,
     parse_response,
     redact,
     request_config,
+    run_wide_error,
 )
-from mlx_distill.teachers.limits import backoff
+from mlx_distill.teachers.limits import RETRYABLE_CODES, backoff
 from mlx_distill.teachers.prices import cost_usd
 
 INLINE_BYTES = 15_000_000  # the inline request limit is ~20 MB; keep a margin
@@ -142,10 +143,13 @@ def _call(cfg: GeminiConfig, fn):
         try:
             return fn()
         except genai_errors.APIError as exc:
-            if exc.code not in (408, 429, 500, 502, 503, 504) or attempt == cfg.max_retries:
+            fatal = run_wide_error(exc, cfg)
+            if fatal:
+                raise BadInput(fatal) from None
+            if exc.code not in RETRYABLE_CODES or attempt == cfg.max_retries:
                 raise StageFailed(redact(f"Gemini batch API: {exc.code} {exc.message}")) from None
         except Exception as exc:
-            if not _is_transport_error(exc) or attempt == cfg.max_retries:
+            if not is_transport_error(exc) or attempt == cfg.max_retries:
                 raise
         time.sleep(backoff(attempt, cfg.backoff_base_s, cfg.backoff_max_s))
     raise AssertionError("unreachable")
@@ -183,7 +187,7 @@ def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
     else:
         why = getattr(getattr(remote, "error", None), "message", None) or ""
         reason = f"batch job {job['name']} {state_name} {why}".strip()
-        results = {k: {**_failed(redact(reason)), "attempts": 1} for k in items}
+        results = {k: {**failed_fields(redact(reason)), "attempts": 1} for k in items}
     rows = []
     for key, item in items.items():
         if store.status(key) == "ok":
@@ -192,7 +196,7 @@ def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
         if fields is _RESUBMIT:
             continue  # left unanswered: the next round asks it again without log-probs
         if fields is None:
-            fields = {**_failed("missing from the batch output"), "attempts": 1}
+            fields = {**failed_fields("missing from the batch output"), "attempts": 1}
         rows.append(make_record(key, item, fields, "batch"))
     store.append(rows)
     job["ingested"] = True
@@ -237,5 +241,8 @@ def _results(client, cfg, dest, state: RunState, logprobs: int) -> dict[str, dic
                 state.logprobs_note = redact(f"{(error or {}).get('code')} {message}")
             out[key] = _RESUBMIT
             continue
-        out[key] = {**_failed(redact(f"{(error or {}).get('code')}: {message}")), "attempts": 1}
+        out[key] = {
+            **failed_fields(redact(f"{(error or {}).get('code')}: {message}")),
+            "attempts": 1,
+        }
     return out

@@ -163,6 +163,9 @@ def run_gemini_teacher(
     for item in prompts:
         unique.setdefault(record_key(model, identity["params"], item["prompt"]), item)
     with RecordStore(out_dir, identity) as store:
+        if store.meta.get("api_version") != cfg.api_version:
+            # includeThoughts returns summaries of the model's thinking, not its raw thoughts.
+            store.set_meta(api_version=cfg.api_version, thoughts="summaries")
         todo, skipped = [], 0
         for key, item in unique.items():
             status = store.status(key)
@@ -274,6 +277,9 @@ async def _run_online(
         async with asyncio.TaskGroup() as group:
             for _ in range(min(cfg.max_in_flight, max(1, len(todo)))):
                 group.create_task(worker())
+    except* BadInput as group_error:
+        # A run-wide error (bad key, unknown model): finished answers are still committed below.
+        raise group_error.exceptions[0] from None
     finally:
         finished.put_nowait(None)
         await commit_task

@@ -167,6 +167,25 @@ def parse_response(response: Any) -> dict[str, Any]:
     return out
 
 
+def run_wide_error(exc: Any, cfg: GeminiConfig) -> str | None:
+    """A one-line fix-it message for errors that no prompt can get past (bad key, no access,
+    unknown model): those stop the run (exit 2) instead of failing every prompt in turn."""
+    text = json.dumps(getattr(exc, "details", None) or {}) + str(exc.message or "")
+    where = f"model {cfg.model} on API {cfg.api_version}"
+    if exc.code == 401 or "API_KEY_INVALID" in text:
+        return "Gemini rejected the API key: check GEMINI_API_KEY (or GOOGLE_API_KEY)"
+    if exc.code == 403:
+        return redact(
+            f"Gemini denied access to {where} (403 {exc.message}): check the key's project"
+        )
+    if exc.code == 404:
+        return redact(
+            f"Gemini does not know {where} (404 {exc.message}): check teacher.gemini.model "
+            "and teacher.gemini.api_version (previews and -latest exist only on v1beta)"
+        )
+    return None
+
+
 def _logprobs_refused(exc: Any) -> bool:
     return getattr(exc, "code", None) == 400 and "logprob" in str(exc.message or "").lower()
 
@@ -238,8 +257,11 @@ async def ask(client: Any, state: RunState, prompt: str) -> dict[str, Any]:
                     state.logprobs_note = redact(f"{exc.code} {exc.message}")
                 continue  # the same request without log-probs; not a failed attempt
             message = redact(f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip())
+            fatal = run_wide_error(exc, cfg)
+            if fatal:
+                raise BadInput(fatal) from None
             if exc.code not in RETRYABLE_CODES:
-                return {**_failed(message), "attempts": attempt + 1}
+                return {**failed_fields(message), "attempts": attempt + 1}
             reason = message
             delay = server_retry_delay(exc.details)
             if exc.code == 429 and delay is not None:
@@ -254,7 +276,7 @@ async def ask(client: Any, state: RunState, prompt: str) -> dict[str, Any]:
             state.limiter.settle(est, 0)
             reason = redact(f"{type(exc).__name__} after {time.monotonic() - started:.1f}s")
         except Exception as exc:
-            if not _is_transport_error(exc):
+            if not is_transport_error(exc):
                 raise
             state.limiter.settle(est, 0)
             reason = redact(f"{type(exc).__name__}: {exc}")
@@ -267,7 +289,10 @@ async def ask(client: Any, state: RunState, prompt: str) -> dict[str, Any]:
             return fields
         attempt += 1
         if attempt > cfg.max_retries:
-            return {**_failed(f"{reason} (gave up after {attempt} attempts)"), "attempts": attempt}
+            return {
+                **failed_fields(f"{reason} (gave up after {attempt} attempts)"),
+                "attempts": attempt,
+            }
         if delay is not None:  # the server said when: honour it, plus a little jitter
             wait = delay * random.uniform(1.0, 1.1)
         else:
@@ -275,7 +300,7 @@ async def ask(client: Any, state: RunState, prompt: str) -> dict[str, Any]:
         await asyncio.sleep(wait)
 
 
-def _failed(reason: str) -> dict[str, Any]:
+def failed_fields(reason: str) -> dict[str, Any]:
     return {
         "status": "failed",
         "text": "",
@@ -288,7 +313,7 @@ def _failed(reason: str) -> dict[str, Any]:
     }
 
 
-def _is_transport_error(exc: BaseException) -> bool:
+def is_transport_error(exc: BaseException) -> bool:
     """Connection refused/reset/dropped, read timeouts: httpx2 or httpx transport errors."""
     for module in ("httpx2", "httpx"):
         try:

@@ -163,6 +163,7 @@ class FakeGemini:
         latency_s: float = 0.0,
         refuse_logprobs: bool = False,
         batch_final_state: str = "BATCH_STATE_SUCCEEDED",
+        batch_output: str = "inline",  # or "file": results in a downloadable JSONL file
         seed: int = 0,
     ) -> None:
         self.key = key
@@ -171,6 +172,8 @@ class FakeGemini:
         self.latency_s = latency_s
         self.refuse_logprobs = refuse_logprobs
         self.batch_final_state = batch_final_state
+        self.batch_output = batch_output
+        self.files: dict[str, bytes] = {}
         self.seed = seed
         self.lock = threading.Lock()
         self.requests: list[dict] = []  # path, method, headers (key removed), body
@@ -232,7 +235,13 @@ class FakeGemini:
                         "metadata": meta,
                     }
                 )
-        job["output"] = {"inlinedResponses": {"inlinedResponses": results}}
+        if self.batch_output == "file":  # one JSONL line per request, keyed like the input
+            name = f"out-{job['name']}"
+            lines = [json.dumps({"key": r["metadata"].get("key"), **r}) for r in results]
+            self.files[name] = ("\n".join(lines) + "\n").encode()
+            job["output"] = {"responsesFile": f"files/{name}"}
+        else:
+            job["output"] = {"inlinedResponses": {"inlinedResponses": results}}
 
 
 _LOGPROBS_400 = "Logprobs is not enabled for models/{}"
@@ -300,6 +309,12 @@ class _Handler(BaseHTTPRequestHandler):
                 ),
             )
         path = self.path.split("?")[0]
+        download = re.fullmatch(r"/(?:download/)?(?:v1|v1beta)/files/([^/:]+):download", path)
+        if method == "GET" and download:
+            blob = self.fake.files.get(download.group(1))
+            if blob is None:
+                return self._send(404, error_body(404, "NOT_FOUND", "File not found."))
+            return self._send(200, blob, "application/octet-stream")
         match = re.fullmatch(r"/(v1|v1beta)/(.+)", path)
         rest = match.group(2) if match else ""
         if method == "POST" and (m := re.fullmatch(r"models/([^:]+):generateContent", rest)):

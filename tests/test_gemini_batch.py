@@ -18,8 +18,9 @@ def brecipe(fake, **kw):
     return recipe(fake, batch=True, poll_interval_s=0.01, **kw)
 
 
-def test_batch_round_trip_half_price(tmp_path):
-    with FakeGemini(key=KEY) as fake:
+@pytest.mark.parametrize("output", ["inline", "file"])
+def test_batch_round_trip_half_price(tmp_path, output):
+    with FakeGemini(key=KEY, batch_output=output) as fake:
         summary = run_gemini_teacher(
             brecipe(fake, logprobs=3), PROMPTS, tmp_path / "b", progress=False
         )

@@ -223,9 +223,15 @@ def _results(client, cfg, dest, state: RunState, logprobs: int) -> dict[str, dic
             row = json.loads(line)
             response = row.get("response")
             if response is not None:
-                response = types.GenerateContentResponse.model_validate(response)
+                # The SDK's own parse path: mldev field mapping, unknown fields dropped.
+                from google.genai.models import _GenerateContentResponse_from_mldev
+
+                response = types.GenerateContentResponse._from_response(
+                    response=_GenerateContentResponse_from_mldev(response, None), kwargs={}
+                )
             error = row.get("error") or row.get("status")
-            entries.append((str(row.get("key", "")), response, error))
+            key = row.get("key") or (row.get("metadata") or {}).get("key", "")
+            entries.append((str(key), response, error))
     out: dict[str, dict] = {}
     for key, response, error in entries:
         if response is not None:

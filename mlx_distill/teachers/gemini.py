@@ -163,9 +163,14 @@ def run_gemini_teacher(
     for item in prompts:
         unique.setdefault(record_key(model, identity["params"], item["prompt"]), item)
     with RecordStore(out_dir, identity) as store:
-        if store.meta.get("api_version") != cfg.api_version:
+        facts = {
+            "api_version": cfg.api_version,
             # includeThoughts returns summaries of the model's thinking, not its raw thoughts.
-            store.set_meta(api_version=cfg.api_version, thoughts="summaries")
+            "thoughts": "summaries",
+            "prices_as_of": price_table()["as_of"],  # the table each record's cost_usd used
+        }
+        if any(store.meta.get(k) != v for k, v in facts.items()):
+            store.set_meta(**facts)
         todo, skipped = [], 0
         for key, item in unique.items():
             status = store.status(key)

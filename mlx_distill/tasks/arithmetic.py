@@ -187,3 +187,32 @@ def extract_answer(text: str) -> str | None:
 def check(completion: str, answer: str) -> bool:
     """Exact match of the stated answer."""
     return extract_answer(completion) == str(answer).strip()
+
+
+def write_splits(out_dir: str, sizes: dict[str, int], seed: int) -> None:
+    """Write {split}.jsonl files with disjoint problems (a problem's prompt appears once)."""
+    from mlx_distill.text.data import write_jsonl
+
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    for split, n in sizes.items():
+        rows: list[dict] = []
+        while len(rows) < n:
+            problem = make_problem(rng)
+            if problem["prompt"] not in seen:
+                seen.add(problem["prompt"])
+                rows.append(problem)
+        write_jsonl(f"{out_dir}/{split}.jsonl", rows)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the quickstart task's data splits.")
+    parser.add_argument("--out", default="data/quickstart")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--train", type=int, default=20000)
+    parser.add_argument("--valid", type=int, default=500)
+    parser.add_argument("--test", type=int, default=500)
+    args = parser.parse_args()
+    write_splits(args.out, {"train": args.train, "valid": args.valid, "test": args.test}, args.seed)

@@ -1,0 +1,230 @@
+"""The `mlx-distill` command line. One small function per command; heavy imports inside them."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+
+from mlx_distill.errors import BadInput
+
+TEACH_STAGES = ["tokenizer", "teacher", "cache"]
+TRAIN_STAGES = ["distill", "baseline"]
+
+
+def _emit(obj: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        for key, value in obj.items():
+            shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+            click.echo(f"{key}: {shown}")
+
+
+def _run(
+    recipe_path, overrides, stages, force, dry_run, retry_failed, as_json, progress, group=False
+):
+    from mlx_distill.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    if dry_run:
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    from mlx_distill.stages import Context, run_stages
+
+    if group:  # teach/train: the group's stages that this recipe has
+        stages = [s for s in stages if s in recipe.stages]
+        if not stages:
+            raise BadInput(f"recipe {recipe_path} has none of the stages this command runs")
+    ctx = Context(recipe, recipe.run_dir, progress=progress, retry_failed=retry_failed)
+    outcome = run_stages(ctx, only=list(stages) or None, force=force)
+    summary = {"run_dir": str(recipe.run_dir), "stages": outcome}
+    if (recipe.run_dir / "report.md").exists() and "report" in outcome:
+        summary["report"] = str(recipe.run_dir / "report.md")
+    if as_json:
+        _emit(summary, True)
+    elif "report" in outcome:
+        click.echo((recipe.run_dir / "report.md").read_text())
+
+
+def _run_options(f):
+    f = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set train.steps=200.",
+    )(f)
+    f = click.option("--force", is_flag=True, help="Rerun stages even when up to date.")(f)
+    f = click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")(f)
+    f = click.option("--retry-failed", is_flag=True, help="Retry failed teacher requests.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")(f)
+    f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="mlx-distill")
+@click.pass_context
+def cli(ctx, debug):
+    """Knowledge distillation on Apple silicon with MLX."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable).")
+@_run_options
+def run(recipe, stages, overrides, force, dry_run, retry_failed, as_json, no_progress):
+    """Run a recipe's stages in order, skipping those already up to date."""
+    _run(recipe, overrides, stages, force, dry_run, retry_failed, as_json, not no_progress)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@_run_options
+def teach(recipe, overrides, force, dry_run, retry_failed, as_json, no_progress):
+    """Run the tokenizer, teacher and cache stages."""
+    _run(
+        recipe,
+        overrides,
+        TEACH_STAGES,
+        force,
+        dry_run,
+        retry_failed,
+        as_json,
+        not no_progress,
+        True,
+    )
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@_run_options
+def train(recipe, overrides, force, dry_run, retry_failed, as_json, no_progress):
+    """Run the distill and baseline stages (the teacher cache must be up to date)."""
+    _run(
+        recipe,
+        overrides,
+        TRAIN_STAGES,
+        force,
+        dry_run,
+        retry_failed,
+        as_json,
+        not no_progress,
+        True,
+    )
+
+
+@cli.command("eval")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def eval_(path, as_json, no_progress):
+    """Re-evaluate a run directory (runs/NAME) and rewrite its report."""
+    from pathlib import Path
+
+    from mlx_distill.recipe import load_recipe
+    from mlx_distill.report import evaluate_run, write_report
+    from mlx_distill.stages import Context
+
+    resolved = Path(path) / "recipe.yaml"
+    if not resolved.exists():
+        raise BadInput(f"{path} is not a run directory (no recipe.yaml); run a recipe first")
+    recipe = load_recipe(resolved)
+    recipe.runs_dir = str(Path(path).parent)
+    recipe.name = Path(path).name
+    ctx = Context(recipe, Path(path), progress=not no_progress)
+    results = evaluate_run(ctx)
+    write_report(ctx)
+    _emit(results, as_json)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--teacher", type=click.Path(), help="Answer with this model too, side by side.")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temp", default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--system", default=None, help="System prompt.")
+def chat(path, teacher, max_tokens, temp, system):
+    """Chat with a model folder (streaming; /reset, /quit; reads a pipe too)."""
+    from mlx_distill.chat import chat_loop
+
+    chat_loop(path, teacher=teacher, max_tokens=max_tokens, temperature=temp, system=system)
+
+
+@cli.group()
+def cache():
+    """Inspect a teacher cache."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def cache_info(path, as_json):
+    """Rows, tokens, bytes per token, teacher, targets and fingerprint."""
+    from mlx_distill.cache import cache_info as info
+
+    _emit(info(path), as_json)
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(path, as_json):
+    """Check checksums, row counts and fingerprints; name the first bad shard."""
+    from mlx_distill.cache import verify_cache
+
+    _emit(verify_cache(path), as_json)
+
+
+@cli.command()
+@click.argument(
+    "what", type=click.Choice(["loss", "step", "cache", "teacher", "all"]), default="all"
+)
+@click.option("--size", default=None, help="Loss size N,V,d (bench loss).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(what, size, as_json):
+    """Benchmarks: fused loss, training step, cache, teacher client."""
+    from mlx_distill.bench import run_bench
+
+    _emit(run_bench(what, size), as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json):
+    """Backend, memory, versions, matmul rate, BLAS, Gemini key presence."""
+    from mlx_distill import backend
+
+    _emit(backend.report(), as_json)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except BadInput as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(
+            f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
+        )
+        sys.exit(1)

@@ -1,0 +1,261 @@
+"""The recipe's stages: tokenizer -> teacher -> cache -> distill / baseline -> eval -> report.
+
+Each function takes the stage `Context`, writes its outputs under the run directory and returns
+a small JSON-able summary that lands in its `stage.json`. Heavy imports stay inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mlx_distill.errors import BadInput
+from mlx_distill.stages import Context
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.model",
+    "chat_template.jinja",
+)
+
+
+def _tokenizer(ctx: Context):
+    from mlx_distill.text.tokenizer import load_tokenizer
+
+    return load_tokenizer(ctx.stage_dir("tokenizer"))
+
+
+def _examples(ctx: Context, tokenizer, split: str = "train", limit: int | None = None):
+    from mlx_distill.text.data import read_jsonl
+    from mlx_distill.text.tokenizer import encode_example
+
+    data = ctx.recipe.data
+    records = read_jsonl(getattr(data, split), limit=limit)
+    return [
+        encode_example(tokenizer, r["prompt"], r["completion"], data.max_seq_len + 1)
+        for r in records
+    ]
+
+
+def _teacher_path(ctx: Context) -> Path:
+    info = json.loads((ctx.stage_dir("teacher") / "teacher.json").read_text())
+    return Path(info["path"])
+
+
+def _loader(ctx: Context, source, seq_len: int, batch_size: int):
+    from mlx_distill.cache.loader import Loader
+
+    return Loader(source, batch_size=batch_size, seq_len=seq_len, seed=ctx.recipe.seed)
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+def stage_tokenizer(ctx: Context) -> dict:
+    """Copy the recipe's tokenizer, or train a SentencePiece model on the training split."""
+    from mlx_distill.text.data import read_jsonl
+    from mlx_distill.text.tokenizer import load_tokenizer, train_sentencepiece, vocab_hash
+
+    cfg, out = ctx.recipe.tokenizer, ctx.stage_dir("tokenizer")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.path:
+        source = Path(cfg.path)
+        load_tokenizer(source)  # fail early, with the path, if it is not a tokenizer
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, out / name)
+    else:
+        records = read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
+        texts = [r["prompt"] + "\n" + r["completion"] for r in records]
+        train_sentencepiece(texts, out, vocab_size=cfg.vocab_size, model_type=cfg.model_type)
+    tokenizer = load_tokenizer(out)
+    return {"vocab_size": len(tokenizer.get_vocab()), "vocab_hash": vocab_hash(tokenizer)}
+
+
+def stage_teacher(ctx: Context) -> dict:
+    """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
+    from mlx_distill.text.tokenizer import load_tokenizer, vocab_hash
+
+    recipe, out = ctx.recipe, ctx.stage_dir("teacher")
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe.teacher.kind == "gemini":
+        from mlx_distill.teachers.gemini import run_gemini_teacher
+        from mlx_distill.text.data import read_jsonl
+
+        prompts = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
+        summary = run_gemini_teacher(
+            recipe, prompts, out / "records", retry_failed=ctx.retry_failed, progress=ctx.progress
+        )
+        (out / "teacher.json").write_text(
+            json.dumps({"kind": "gemini", "path": str(out / "records")})
+        )
+        return summary
+    tokenizer = _tokenizer(ctx)
+    if recipe.teacher.path:
+        path = Path(recipe.teacher.path).resolve()
+        if not path.is_dir():
+            raise BadInput(f"recipe key teacher.path: folder not found: {recipe.teacher.path}")
+        teacher_vocab = vocab_hash(load_tokenizer(path))
+        if teacher_vocab != vocab_hash(tokenizer):
+            raise BadInput(
+                f"the student's tokenizer (vocab hash {vocab_hash(tokenizer)}) does not match the "
+                f"teacher's in {path} ({teacher_vocab}); set tokenizer.path to the teacher's folder"
+            )
+        (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
+        return {"path": str(path), "trained": False}
+    from mlx_distill.models import build_model, num_params, save_model
+    from mlx_distill.train.trainer import train
+
+    model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
+    examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
+    loader = _loader(ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size)
+    result = train(
+        model,
+        loader,
+        recipe.teacher.train,
+        None,
+        run="teacher",
+        metrics_path=ctx.run_dir / "metrics.jsonl",
+        ckpt_dir=ctx.run_dir / "checkpoints/teacher",
+        fingerprint=json.loads((out / "stage.json").read_text())["fingerprint"],
+        seed=recipe.seed,
+        progress=ctx.progress,
+    )
+    loader.close()
+    path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
+    (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path.resolve())}))
+    return {
+        "path": str(path),
+        "trained": True,
+        "parameters": num_params(model),
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def _cache_expect(ctx: Context, tokenizer) -> dict:
+    from mlx_distill.text.tokenizer import template_hash, vocab_hash
+
+    return {"vocab_hash": vocab_hash(tokenizer), "template_hash": template_hash(tokenizer)}
+
+
+def stage_cache(ctx: Context) -> dict:
+    """Score the training sequences with the local teacher into the teacher cache."""
+    from mlx_distill.cache import build_token_cache
+    from mlx_distill.teachers.local import LocalTeacher
+
+    recipe = ctx.recipe
+    if recipe.teacher.kind != "local":
+        raise BadInput(
+            "the cache stage scores token targets with a local teacher (teacher.kind: local)"
+        )
+    tokenizer = _tokenizer(ctx)
+    teacher = LocalTeacher(_teacher_path(ctx))
+    examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
+    c = recipe.cache
+    manifest = build_token_cache(
+        teacher,
+        examples,
+        ctx.stage_dir("cache"),
+        targets=c.targets,
+        k=c.k,
+        samples=c.samples,
+        temperature=c.temperature,
+        batch_size=c.batch_size,
+        shard_rows=c.shard_rows,
+        seed=recipe.seed,
+        fingerprint=_cache_expect(ctx, tokenizer),
+        progress=ctx.progress,
+    )
+    return {"rows": manifest["rows"], "tokens": manifest["tokens"]}
+
+
+def _student(ctx: Context, tokenizer):
+    from mlx_distill.models import build_model, from_teacher_layers, load_model
+
+    s = ctx.recipe.student
+    if s.init == "pretrained":
+        model, _, config = load_model(s.path)
+        return model, config
+    if s.init == "teacher_layers":
+        teacher, _, config = load_model(_teacher_path(ctx))
+        return from_teacher_layers(teacher, config, s.layer_stride)
+    return build_model(s.model, len(tokenizer.get_vocab()))
+
+
+def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
+    from mlx_distill.cache import open_cache
+    from mlx_distill.models import num_params, save_model
+    from mlx_distill.train.trainer import train
+
+    recipe = ctx.recipe
+    tokenizer = _tokenizer(ctx)
+    model, config = _student(ctx, tokenizer)
+    if config["vocab_size"] < len(tokenizer.get_vocab()):
+        raise BadInput(
+            f"student vocab_size {config['vocab_size']} is smaller than the tokenizer's "
+            f"{len(tokenizer.get_vocab())}"
+        )
+    if use_cache:
+        source = open_cache(ctx.stage_dir("cache"), expect=_cache_expect(ctx, tokenizer))
+    else:
+        source = _examples(ctx, tokenizer, limit=recipe.data.max_train)
+    loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
+    result = train(
+        model,
+        loader,
+        recipe.train,
+        recipe.loss if use_cache else None,
+        run=run,
+        metrics_path=ctx.run_dir / "metrics.jsonl",
+        ckpt_dir=ctx.run_dir / "checkpoints" / run,
+        fingerprint=json.loads((ctx.stage_dir(run) / "stage.json").read_text())["fingerprint"],
+        seed=recipe.seed,
+        progress=ctx.progress,
+    )
+    loader.close()
+    out = ctx.run_dir / ("student" if use_cache else "baseline")
+    stage_json = (ctx.stage_dir(run) / "stage.json").read_text() if run == "baseline" else None
+    save_model(model, config, ctx.stage_dir("tokenizer"), out)
+    if stage_json is not None:  # the baseline's model folder is also its stage folder
+        (out / "stage.json").write_text(stage_json)
+    return {
+        "parameters": num_params(model),
+        "seconds": round(result.seconds, 1),
+        "final_loss": result.final_loss,
+        "resumed_from": result.resumed_from,
+        "path": str(out),
+    }
+
+
+def stage_distill(ctx: Context) -> dict:
+    return _train_student(ctx, "distill", use_cache=True)
+
+
+def stage_baseline(ctx: Context) -> dict:
+    return _train_student(ctx, "baseline", use_cache=False)
+
+
+def stage_eval(ctx: Context) -> dict:
+    from mlx_distill.report import evaluate_run
+
+    return evaluate_run(ctx)
+
+
+def stage_report(ctx: Context) -> dict:
+    from mlx_distill.report import write_report
+
+    return write_report(ctx)
+
+
+STAGE_FUNCTIONS = {
+    "tokenizer": stage_tokenizer,
+    "teacher": stage_teacher,
+    "cache": stage_cache,
+    "distill": stage_distill,
+    "baseline": stage_baseline,
+    "eval": stage_eval,
+    "report": stage_report,
+}

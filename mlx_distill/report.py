@@ -1,0 +1,180 @@
+"""Run evaluation and report: accuracy, perplexity, agreement, loss curves (markdown + PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlx_distill.stages import Context, read_stage
+
+
+def _models(ctx: Context) -> dict[str, Path]:
+    """The models this run has, by role: teacher, student (KD), baseline."""
+    found = {}
+    teacher_json = ctx.stage_dir("teacher") / "teacher.json"
+    if teacher_json.exists():
+        info = json.loads(teacher_json.read_text())
+        if info.get("kind") == "local":
+            found["teacher"] = Path(info["path"])
+    for role, folder in (("student", "student"), ("baseline", "baseline")):
+        if role in ("student",) and "distill" not in ctx.recipe.stages:
+            continue
+        if role == "baseline" and "baseline" not in ctx.recipe.stages:
+            continue
+        if (ctx.run_dir / folder / "config.json").exists():
+            found[role] = ctx.run_dir / folder
+    return found
+
+
+def evaluate_run(ctx: Context) -> dict:
+    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
+    from tqdm import tqdm
+
+    from mlx_distill import evaluate
+    from mlx_distill.models import load_model
+    from mlx_distill.tasks import get_checker
+    from mlx_distill.text.data import read_jsonl
+    from mlx_distill.text.tokenizer import encode_example
+
+    recipe = ctx.recipe
+    records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
+    check = get_checker(recipe.data.task)
+    loaded = {role: load_model(path) for role, path in _models(ctx).items()}
+    results: dict[str, dict] = {}
+    for role, (model, tokenizer, _) in loaded.items():
+        examples = [
+            encode_example(tokenizer, r["prompt"], r["completion"], recipe.data.max_seq_len + 1)
+            for r in records
+        ]
+        row = {"perplexity": evaluate.perplexity(model, examples)}
+        if check is not None and all("answer" in r for r in records):
+            bar = tqdm(
+                total=len(records), desc=f"eval {role}", unit="problem", disable=not ctx.progress
+            )
+            acc, outputs = evaluate.exact_match(
+                model,
+                tokenizer,
+                records,
+                check,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                batch_size=recipe.eval.batch_size,
+                progress=bar,
+            )
+            bar.close()
+            row["exact_match"] = acc
+            row["sample"] = {"prompt": records[0]["prompt"], "output": outputs[0]}
+        if role != "teacher" and "teacher" in loaded:
+            row["top1_agreement"] = evaluate.top1_agreement(model, loaded["teacher"][0], examples)
+        results[role] = row
+    summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
+    out = ctx.stage_dir("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return {role: {k: v for k, v in row.items() if k != "sample"} for role, row in results.items()}
+
+
+def _plot(metrics_path: Path, png: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return False
+    curves: dict[str, dict[str, list]] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        c = curves.setdefault(rec["run"], {"step": [], "loss": [], "ce": []})
+        c["step"].append(rec["step"])
+        c["loss"].append(rec["loss"])
+        c["ce"].append(rec.get("ce", rec["loss"]))
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run, c in curves.items():
+        axes[0].plot(c["step"], c["loss"], label=run)
+        axes[1].plot(c["step"], c["ce"], label=run)
+    axes[0].set_title("training loss (KD mix for distill, CE otherwise)")
+    axes[1].set_title("cross-entropy on the reference answer tokens")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(ctx: Context) -> dict:
+    """report.md + loss_curves.png in the run directory; the last lines say how to chat."""
+    recipe, run_dir = ctx.recipe, ctx.run_dir
+    results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
+    models = results["models"]
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"Seed {results['seed']}; {results['num_examples']} held-out examples from "
+        f"`{recipe.data.test}`.",
+        "",
+        "| model | parameters | exact match | perplexity | top-1 agreement with teacher |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    params = {}
+    for stage, role in (("distill", "student"), ("baseline", "baseline"), ("teacher", "teacher")):
+        info = read_stage(ctx, stage) or {}
+        params[role] = (info.get("result") or {}).get("parameters")
+    names = {"teacher": "teacher", "student": "KD student", "baseline": "baseline (hard labels)"}
+    for role, row in models.items():
+        em = f"{row['exact_match']:.1%}" if "exact_match" in row else "n/a"
+        agree = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
+        p = f"{params[role]:,}" if params.get(role) else "-"
+        lines.append(f"| {names[role]} | {p} | {em} | {row['perplexity']:.3f} | {agree} |")
+    if "student" in models and "baseline" in models and "exact_match" in models["student"]:
+        diff = models["student"]["exact_match"] - models["baseline"]["exact_match"]
+        verdict = "beats" if diff > 0 else "does not beat"
+        lines += [
+            "",
+            f"The KD student {verdict} the baseline by {diff * 100:+.1f} points of exact "
+            f"match (same architecture, same {recipe.train.steps} steps, same data order, "
+            f"seed {recipe.seed}); loss `{recipe.loss.kind}`, kd_weight {recipe.loss.kd_weight}, "
+            f"cache `{recipe.cache.targets}` k={recipe.cache.k}.",
+        ]
+    for role, row in models.items():
+        if "sample" in row:
+            lines += [
+                "",
+                f"Sample from the {names[role]}:",
+                "",
+                "```",
+                row["sample"]["prompt"],
+                row["sample"]["output"].strip(),
+                "```",
+            ]
+    png = run_dir / "loss_curves.png"
+    if _plot(run_dir / "metrics.jsonl", png):
+        lines += ["", "![loss curves](loss_curves.png)"]
+    chat_target = "student" if "student" in models else next(iter(_models(ctx)), None)
+    if chat_target is not None:
+        path = _models(ctx)[chat_target]
+        lines += [
+            "",
+            "## Next",
+            "",
+            "Chat with the result:",
+            "",
+            "```",
+            f"mlx-distill chat {path}",
+            f'python -m mlx_lm generate --model {path} --prompt "{_sample_prompt(results)}"',
+            "```",
+        ]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return {"report": str(run_dir / "report.md")}
+
+
+def _sample_prompt(results: dict) -> str:
+    for row in results["models"].values():
+        if "sample" in row:
+            return row["sample"]["prompt"].replace('"', "'")
+    return "Hello"

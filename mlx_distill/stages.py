@@ -1,0 +1,181 @@
+"""The stage runner: order, fingerprints, skip-if-done, resume, --force.
+
+A stage's fingerprint hashes its recipe sections, the recipe seed, the content of the data files
+it reads and its upstream stages' fingerprints. `runs/<name>/<stage>/stage.json` records the
+fingerprint and status; a stage whose last run finished with the same fingerprint is skipped,
+one that was interrupted with the same fingerprint resumes (the cache writer and the trainer pick
+up where they stopped), and one whose fingerprint changed starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_distill import __version__
+from mlx_distill.errors import BadInput
+from mlx_distill.recipe import STAGES, Recipe, fingerprint
+
+SECTIONS = {
+    "tokenizer": ("data", "tokenizer"),
+    "teacher": ("teacher", "data"),
+    "cache": ("cache", "data"),
+    "distill": ("student", "loss", "train", "data"),
+    "baseline": ("student", "train", "baseline", "data"),
+    "eval": ("eval", "data"),
+    "report": (),
+}
+UPSTREAM = {
+    "tokenizer": (),
+    "teacher": ("tokenizer",),
+    "cache": ("teacher",),
+    "distill": ("cache",),
+    "baseline": ("tokenizer", "teacher"),
+    "eval": ("teacher", "distill", "baseline"),
+    "report": ("eval", "distill", "baseline"),
+}
+# Folders a stage writes besides its own; cleared when it starts over.
+OUTPUTS = {"distill": ("student", "checkpoints/distill"), "baseline": ("checkpoints/baseline",)}
+
+
+def _file_digest(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """What every stage function gets."""
+
+    recipe: Recipe
+    run_dir: Path
+    progress: bool = True
+    retry_failed: bool = False
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Fingerprint of every stage, upstream first."""
+    data_files = {k: _file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
+    teacher_files = {}
+    if recipe.teacher.kind == "local" and recipe.teacher.path:
+        teacher_dir = Path(recipe.teacher.path)
+        for f in sorted(teacher_dir.glob("*.safetensors")) + [teacher_dir / "config.json"]:
+            teacher_files[f.name] = _file_digest(str(f))
+    prints: dict[str, str] = {}
+    for name in STAGES:
+        payload = {
+            "stage": name,
+            "sections": {k: recipe.to_dict()[k] for k in SECTIONS[name]},
+            "seed": recipe.seed,
+            "upstream": {u: prints[u] for u in UPSTREAM[name]},
+        }
+        if "data" in SECTIONS[name]:
+            payload["data_files"] = data_files
+        if name == "teacher":
+            payload["teacher_files"] = teacher_files
+        prints[name] = fingerprint(payload)
+    return prints
+
+
+def read_stage(ctx: Context, name: str) -> dict | None:
+    path = ctx.stage_dir(name) / "stage.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_stage(ctx: Context, name: str, info: dict) -> None:
+    path = ctx.stage_dir(name) / "stage.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(path)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    out = {"mlx_distill": __version__, "python": platform.python_version()}
+    for pkg in ("mlx", "mlx-lm"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            out[pkg] = None
+    return out
+
+
+def _clear(ctx: Context, name: str) -> None:
+    shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+    for extra in OUTPUTS.get(name, ()):
+        shutil.rmtree(ctx.run_dir / extra, ignore_errors=True)
+
+
+def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False) -> dict[str, str]:
+    """Run the recipe's stages in order. Returns {stage: 'ran' | 'skipped'}."""
+    from mlx_distill.pipeline import STAGE_FUNCTIONS
+
+    recipe = ctx.recipe
+    enabled = [s for s in STAGES if s in recipe.stages]
+    for name in only or []:
+        if name not in enabled:
+            raise BadInput(
+                f"--stage {name}: not one of this recipe's stages ({', '.join(enabled)})"
+            )
+    prints = stage_fingerprints(recipe)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = ctx.run_dir / "recipe.yaml"
+    resolved.with_suffix(".tmp").write_text(recipe.to_yaml())
+    resolved.with_suffix(".tmp").replace(resolved)
+
+    outcome: dict[str, str] = {}
+    for name in enabled:
+        fp = prints[name]
+        previous = read_stage(ctx, name)
+        done = previous is not None and previous.get("status") == "done"
+        up_to_date = done and previous.get("fingerprint") == fp
+        if only and name not in only:
+            if not up_to_date:
+                raise BadInput(
+                    f"stage {name!r} is not up to date and --stage skips it; run it first "
+                    f"(mlx-distill run RECIPE --stage {name})"
+                )
+            continue
+        if up_to_date and not force:
+            ctx.log(f"[{name}] up to date (fingerprint {fp}), skipped")
+            outcome[name] = "skipped"
+            continue
+        resuming = previous is not None and previous.get("fingerprint") == fp and not done
+        if not resuming or force:
+            _clear(ctx, name)
+        ctx.log(f"[{name}] {'resuming' if resuming and not force else 'running'}")
+        started = time.time()
+        info = {"stage": name, "fingerprint": fp, "status": "running", "started": started}
+        info["versions"] = _versions()
+        _write_stage(ctx, name, info)
+        result = STAGE_FUNCTIONS[name](ctx) or {}
+        info.update(status="done", finished=time.time(), seconds=round(time.time() - started, 2))
+        info["result"] = result
+        _write_stage(ctx, name, info)
+        ctx.log(f"[{name}] done in {info['seconds']:.1f}s")
+        outcome[name] = "ran"
+    return outcome

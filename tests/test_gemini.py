@@ -314,4 +314,8 @@ def test_shipped_recipe_and_prompt_set_load():
     assert len(rows) == 200 and len(held) == 40
     assert len({x["prompt"] for x in rows + held}) == 240  # no duplicates, no leakage
     assert all(x["prompt"].strip() and x["answer"].strip() for x in rows + held)
+    assert all(x["completion"] == f"Answer: {x['answer']}" for x in rows + held)
+    from mlx_distill.text.data import read_jsonl  # the pipeline's reader accepts the set
+
+    assert len(read_jsonl(ROOT / r.data.train)) == 200
     assert len({x["category"] for x in rows}) >= 10

@@ -42,7 +42,11 @@ UPSTREAM = {
     "report": ("eval", "distill", "baseline"),
 }
 # Folders a stage writes besides its own; cleared when it starts over.
-OUTPUTS = {"distill": ("student", "checkpoints/distill"), "baseline": ("checkpoints/baseline",)}
+OUTPUTS = {
+    "teacher": ("checkpoints/teacher",),
+    "distill": ("student", "checkpoints/distill"),
+    "baseline": ("checkpoints/baseline",),
+}
 
 
 def _file_digest(path: str) -> str:
@@ -130,6 +134,26 @@ def _clear(ctx: Context, name: str) -> None:
         shutil.rmtree(ctx.run_dir / extra, ignore_errors=True)
 
 
+def _preflight(recipe: Recipe, stages: list[str]) -> None:
+    """Check the input files before anything is written: fail fast, leave nothing behind."""
+    from mlx_distill.text.data import read_jsonl
+
+    data = recipe.data
+    needs = {"train": {"tokenizer", "teacher", "cache", "distill", "baseline"}, "test": {"eval"}}
+    for split, users in needs.items():
+        path = Path(getattr(data, split))
+        if users & set(stages):
+            if not path.is_file():
+                raise BadInput(f"recipe key data.{split}: data file not found: {path}")
+            read_jsonl(path)  # a malformed line fails here, naming file and line
+    for key, value in (
+        ("tokenizer.path", recipe.tokenizer.path),
+        ("teacher.path", recipe.teacher.path),
+    ):
+        if value and not Path(value).is_dir():
+            raise BadInput(f"recipe key {key}: folder not found: {value}")
+
+
 def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Run the recipe's stages in order. Returns {stage: 'ran' | 'skipped'}."""
     from mlx_distill.pipeline import STAGE_FUNCTIONS
@@ -141,6 +165,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             raise BadInput(
                 f"--stage {name}: not one of this recipe's stages ({', '.join(enabled)})"
             )
+    _preflight(recipe, [s for s in enabled if not only or s in only])
     prints = stage_fingerprints(recipe)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     resolved = ctx.run_dir / "recipe.yaml"
@@ -172,7 +197,12 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
         info = {"stage": name, "fingerprint": fp, "status": "running", "started": started}
         info["versions"] = _versions()
         _write_stage(ctx, name, info)
-        result = STAGE_FUNCTIONS[name](ctx) or {}
+        try:
+            result = STAGE_FUNCTIONS[name](ctx) or {}
+        except BaseException as e:
+            info.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            _write_stage(ctx, name, info)
+            raise
         info.update(status="done", finished=time.time(), seconds=round(time.time() - started, 2))
         info["result"] = result
         _write_stage(ctx, name, info)

@@ -1,0 +1,113 @@
+"""CLI error paths: one clear line, exit code 2, no traceback, nothing half-written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, env=None):
+    cmd = [sys.executable, "-m", "mlx_distill", *args]
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert proc.stderr.rstrip().endswith(errors[0])
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for command in ("run", "teach", "train", "eval", "chat", "cache", "bench", "doctor"):
+        assert command in proc.stdout
+
+
+def test_missing_recipe(tmp_path):
+    proc = cli("run", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(proc, "recipe file not found", "nope.yaml")
+
+
+def test_unknown_key_in_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"runs_dir: {tmp_path / 'runs'}\nstudent:\n  modle: {{}}\n")
+    proc = cli("run", str(path))
+    assert_one_line_error(proc, "student.modle", "did you mean 'model'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wrong_type_from_set(tmp_path):
+    proc = cli("run", "recipes/quickstart.yaml", "--set", "train.batch_size=lots")
+    assert_one_line_error(proc, "train.batch_size", "expected int")
+
+
+def test_missing_data_file_leaves_nothing(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"runs_dir: {tmp_path / 'runs'}\ndata:\n  train: {tmp_path / 'missing.jsonl'}\n"
+    )
+    proc = cli("run", str(path))
+    assert_one_line_error(proc, "data.train", "missing.jsonl")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(f"runs_dir: {tmp_path / 'runs'}\nstages: [tokenizer]\ndata:\n  train: {bad}\n")
+    proc = cli("run", str(path))
+    assert_one_line_error(proc, "train.jsonl line 2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_resolved_recipe_and_writes_nothing(tmp_path):
+    proc = cli(
+        "run",
+        "recipes/quickstart.yaml",
+        "--dry-run",
+        "--set",
+        f"runs_dir={tmp_path}",
+        "--set",
+        "train.lr=1e-5",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 1.0e-05" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_doctor_json_reports_backend_without_key_value():
+    proc = cli("doctor", "--json", env={"GEMINI_API_KEY": "secret-value-123"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["backend"] in ("cpu", "metal", "cuda")
+    assert report["gemini_api_key_present"] is True
+    assert report["matmul_fp32_gflops"] > 0
+    assert "secret-value-123" not in proc.stdout + proc.stderr
+    if sys.platform == "linux" and os.environ.get("MLX_DISTILL_BLAS") != "off":
+        assert report["blas"].startswith("OpenBLAS")
+
+
+@pytest.mark.parametrize("size", ["1,2", "a,b,c", "0,4,4"])
+def test_bench_bad_size(size):
+    proc = cli("bench", "loss", "--size", size)
+    assert_one_line_error(proc, "--size")
+
+
+def test_cache_info_on_missing_path(tmp_path):
+    proc = cli("cache", "info", str(tmp_path / "nothing"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,178 @@
+"""End to end on the CPU: the real quickstart recipe, shrunk to a few steps, in a temp dir."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRINK = [
+    "data.max_train=48",
+    "train.steps=4",
+    "train.log_every=2",
+    "train.batch_size=8",
+    "eval.num_examples=6",
+    "eval.max_new_tokens=12",
+    "cache.shard_rows=20",
+]
+
+
+def run_cli(*args, env=None):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_distill", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **(env or {})),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    sets = [a for s in SHRINK + [f"runs_dir={runs}"] for a in ("--set", s)]
+    proc = run_cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
+    return runs / "quickstart", sets, json.loads(proc.stdout)
+
+
+def test_every_stage_ran_and_recorded(quickstart):
+    run_dir, _, summary = quickstart
+    assert set(summary["stages"]) == {
+        "tokenizer",
+        "teacher",
+        "cache",
+        "distill",
+        "baseline",
+        "eval",
+        "report",
+    }
+    assert all(v == "ran" for v in summary["stages"].values())
+    for stage in summary["stages"]:
+        info = json.loads((run_dir / stage / "stage.json").read_text())
+        assert info["status"] == "done" and len(info["fingerprint"]) == 16
+    assert (run_dir / "recipe.yaml").read_text().count("max_train: 48") == 1
+
+
+def test_training_logged_both_runs(quickstart):
+    run_dir, _, _ = quickstart
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_run = {r["run"] for r in records}
+    assert by_run == {"distill", "baseline"}
+    distill = [r for r in records if r["run"] == "distill"]
+    assert [r["step"] for r in distill] == [2, 4]
+    assert all(r["kd"] > 0 and 0 < r["covered_mass"] <= 1.0 + 1e-6 for r in distill)
+
+
+def test_cache_manifest_matches_data(quickstart):
+    run_dir, _, _ = quickstart
+    manifest = json.loads((run_dir / "cache" / "manifest.json").read_text())
+    assert manifest["rows"] == 48 and manifest["complete"]
+
+
+def test_report_has_table_plot_and_chat_hint(quickstart):
+    run_dir, _, _ = quickstart
+    report = (run_dir / "report.md").read_text()
+    for row in ("| teacher |", "| KD student |", "| baseline (hard labels) |"):
+        assert row in report
+    assert "Seed 0" in report
+    assert f"mlx-distill chat {run_dir / 'student'}" in report.splitlines()[-3]
+    assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    for role in ("teacher", "student", "baseline"):
+        assert 0.0 <= results["models"][role]["exact_match"] <= 1.0
+        assert results["models"][role]["perplexity"] > 1.0
+
+
+def test_student_loads_with_mlx_lm_and_matches(quickstart):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlx_distill.models import hidden_states, lm_head_weight
+
+    run_dir, _, _ = quickstart
+    model, tokenizer = load(str(run_dir / "student"))
+    ids = tokenizer.encode("Ana has 12 apples.", add_special_tokens=False)
+    tokens = mx.array([ids])
+    logits = model(tokens)
+    fused_view = hidden_states(model, tokens) @ lm_head_weight(model).T
+    assert mx.allclose(logits, fused_view, atol=1e-4).item()
+    assert tokenizer.eos_token == "<|end|>"
+
+
+def test_mlx_lm_generate_cli_offline(quickstart):
+    run_dir, _, _ = quickstart
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(run_dir / "student"),
+            "--prompt",
+            "Ana has 12 apples.",
+            "--max-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
+
+
+def test_chat_reads_a_pipe(quickstart):
+    run_dir, _, _ = quickstart
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_distill",
+            "chat",
+            str(run_dir / "student"),
+            "--max-tokens",
+            "4",
+        ],
+        input="Ana has 12 apples.\n/reset\nHow many?\n/quit\nnever read\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("tokens/s]") == 2
+    assert "[conversation cleared]" in proc.stdout
+
+
+def test_rerun_skips_and_changes_rerun_downstream(quickstart):
+    run_dir, sets, _ = quickstart
+    again = json.loads(run_cli("run", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    assert set(again["stages"].values()) == {"skipped"}
+    changed = json.loads(
+        run_cli(
+            "run",
+            "recipes/quickstart.yaml",
+            *sets,
+            "--set",
+            "loss.kd_weight=0.9",
+            "--json",
+            "--no-progress",
+        ).stdout
+    )["stages"]
+    assert changed == {
+        "tokenizer": "skipped",
+        "teacher": "skipped",
+        "cache": "skipped",
+        "distill": "ran",
+        "baseline": "skipped",
+        "eval": "ran",
+        "report": "ran",
+    }

@@ -1,0 +1,90 @@
+"""The recipe schema: every shipped recipe loads; errors name the key; overrides coerce."""
+
+from pathlib import Path
+
+import pytest
+
+from mlx_distill.errors import BadInput
+from mlx_distill.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert "quickstart.yaml" in names and "quickstart_teacher.yaml" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.name == (path.stem if "name" not in path.read_text() else recipe.name)
+    # The resolved recipe is itself a valid recipe that resolves to the same values.
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(recipe.to_yaml())
+    assert load_recipe(resolved).to_dict() == recipe.to_dict()
+
+
+def test_unknown_key_names_path_and_closest(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  stepz: 10\n")
+    with pytest.raises(BadInput, match=r"unknown recipe key train\.stepz; did you mean 'steps'\?"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  steps: many\n")
+    with pytest.raises(BadInput, match=r"train\.steps: expected int, got 'many'"):
+        load_recipe(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  steps: 3\n bad: [\n")
+    with pytest.raises(BadInput, match=r"r\.yaml line \d+: invalid YAML"):
+        load_recipe(path)
+
+
+def test_set_overrides_coerce_through_schema():
+    recipe = load_recipe(
+        None,
+        [
+            "train.lr=1e-5",  # YAML reads this as a string
+            "train.steps=12",
+            "baseline.enabled=false",
+            "student.path=null",
+            "loss.kind=jsd",
+            "stages=tokenizer,teacher",
+            "cache.temperature=2",
+        ],
+    )
+    assert recipe.train.lr == pytest.approx(1e-5) and isinstance(recipe.train.lr, float)
+    assert recipe.train.steps == 12
+    assert recipe.baseline.enabled is False
+    assert recipe.loss.kind == "jsd"
+    assert recipe.stages == ["tokenizer", "teacher"]
+    assert recipe.cache.temperature == 2.0 and isinstance(recipe.cache.temperature, float)
+
+
+def test_set_rejects_bad_values():
+    with pytest.raises(BadInput, match="loss.kind"):
+        load_recipe(None, ["loss.kind=kl"])
+    with pytest.raises(BadInput, match=r"train\.steps: expected int"):
+        load_recipe(None, ["train.steps=1.5"])
+    with pytest.raises(BadInput, match="key.path=value"):
+        load_recipe(None, ["train.steps"])
+    with pytest.raises(BadInput, match=r"unknown recipe key trian"):
+        load_recipe(None, ["trian.steps=3"])
+
+
+def test_defaults_come_from_the_schema():
+    assert load_recipe(None).to_dict() == Recipe().to_dict()
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = load_recipe(None)
+    b = load_recipe(None, ["train.steps=7"])
+    assert a.section_hash("cache") == b.section_hash("cache")
+    assert a.section_hash("train") != b.section_hash("train")

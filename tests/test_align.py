@@ -148,10 +148,16 @@ TEMPLATE = (
 MARKERS = ["<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<think>", "</think>"]
 
 
-def hf_student(kind: str):
-    """A tiny trained HF fast tokenizer with a chat template: byte-level BPE or Metaspace BPE."""
+def hf_student(kind: str, tmp_path):
+    """A tiny trained student tokenizer with a chat template: HF byte-level BPE, HF Metaspace
+    BPE, or the project's own SentencePiece tokenizer behind mlx-lm's TokenizerWrapper."""
     from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
     from transformers import PreTrainedTokenizerFast
+
+    if kind == "project":
+        from mlx_distill.text.tokenizer import load_tokenizer, train_sentencepiece
+
+        return load_tokenizer(train_sentencepiece(corpus(), tmp_path / "tok", vocab_size=120))
 
     base = ByteLevelBPETokenizer() if kind == "bytelevel" else SentencePieceBPETokenizer()
     base.train_from_iterator(corpus(), vocab_size=300, special_tokens=MARKERS, show_progress=False)
@@ -160,7 +166,7 @@ def hf_student(kind: str):
     return tok
 
 
-@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "project"])
 def test_records_to_examples_masks_reply_and_aligns(kind, tmp_path, monkeypatch):
     from fake_gemini import FakeGemini
 
@@ -181,7 +187,7 @@ def test_records_to_examples_masks_reply_and_aligns(kind, tmp_path, monkeypatch)
     with FakeGemini(key="test-key") as fake:
         sets = [f"teacher.gemini.base_url={fake.base_url}", "teacher.gemini.logprobs=20"]
         run_gemini_teacher(load_recipe(None, sets), prompts, out, progress=False)
-    tok = hf_student(kind)
+    tok = hf_student(kind, tmp_path)
     examples, targets, coverage = records_to_examples(out, tok, k=20)
     assert len(examples) == len(targets) == 3
     assert coverage["records"] == 3 and coverage["skipped"] == 2

@@ -147,11 +147,11 @@ def stage_cache(ctx: Context) -> dict:
     from mlx_distill.teachers.local import LocalTeacher
 
     recipe = ctx.recipe
-    if recipe.teacher.kind != "local":
-        raise BadInput(
-            "the cache stage scores token targets with a local teacher (teacher.kind: local)"
-        )
     tokenizer = _tokenizer(ctx)
+    if recipe.teacher.kind == "gemini":
+        # Sequence-level KD: the teacher's answers (thoughts in the reasoning span) are the data.
+        examples, _, coverage = _gemini_examples(ctx, tokenizer)
+        return {"examples": len(examples), **coverage}
     teacher = LocalTeacher(_teacher_path(ctx))
     examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
     c = recipe.cache
@@ -170,6 +170,17 @@ def stage_cache(ctx: Context) -> dict:
         progress=ctx.progress,
     )
     return {"rows": manifest["rows"], "tokens": manifest["tokens"]}
+
+
+def _gemini_examples(ctx: Context, tokenizer):
+    from mlx_distill.teachers.gemini import records_to_examples
+
+    examples, targets, coverage = records_to_examples(
+        ctx.stage_dir("teacher") / "records", tokenizer, k=ctx.recipe.cache.k
+    )
+    if not examples:
+        raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")
+    return examples, targets, coverage
 
 
 def _student(ctx: Context, tokenizer):
@@ -198,7 +209,11 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
             f"student vocab_size {config['vocab_size']} is smaller than the tokenizer's "
             f"{len(tokenizer.get_vocab())}"
         )
-    if use_cache:
+    if use_cache and recipe.teacher.kind == "gemini":
+        # Trained with the recipe's loss on the teacher's text; the aligned log-prob targets
+        # are reported by the cache stage but not yet fed to the loss.
+        source = _gemini_examples(ctx, tokenizer)[0]
+    elif use_cache:
         source = open_cache(ctx.stage_dir("cache"), expect=_cache_expect(ctx, tokenizer))
     else:
         source = _examples(ctx, tokenizer, limit=recipe.data.max_train)

@@ -1,0 +1,88 @@
+"""Students as mlx-lm models: build, save/load round trip, hidden states + LM head, layer cuts."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_distill.errors import BadInput
+from mlx_distill.models import (
+    build_model,
+    from_teacher_layers,
+    hidden_states,
+    lm_head_weight,
+    load_model,
+    save_model,
+)
+from mlx_distill.recipe import ModelConfig
+from mlx_distill.tasks import arithmetic
+from mlx_distill.text.tokenizer import train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)]
+    return train_sentencepiece(texts, out, vocab_size=120)
+
+
+def _vocab(tokenizer_dir):
+    import json
+
+    return len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_and_fused_view(arch, tied, tokenizer_dir, tmp_path):
+    cfg = ModelConfig(
+        arch=arch,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=48,
+        tie_embeddings=tied,
+    )
+    vocab = _vocab(tokenizer_dir) + 7  # padded embedding rows, as real models have
+    model, config = build_model(cfg, vocab)
+    path = save_model(model, config, tokenizer_dir, tmp_path / "m")
+    loaded, tokenizer, loaded_config = load_model(path)
+    assert loaded_config["model_type"] == arch and loaded_config["vocab_size"] == vocab
+    tokens = mx.array(np.random.default_rng().integers(0, vocab, (2, 9)), dtype=mx.int32)
+    expected = model(tokens)
+    assert mx.allclose(loaded(tokens), expected, atol=1e-5).item()
+    head = lm_head_weight(loaded)
+    assert head.shape == (vocab, 32)
+    assert mx.allclose(hidden_states(loaded, tokens) @ head.T, expected, atol=1e-4).item()
+    keys = {k for k, _ in tree_flatten(loaded.parameters())}
+    assert ("lm_head.weight" in keys) == (not tied)
+    assert not (tmp_path / "m.tmp").exists()
+
+
+def test_student_from_every_second_teacher_layer(tokenizer_dir):
+    cfg = ModelConfig(
+        hidden_size=32, num_layers=5, num_heads=4, num_kv_heads=2, intermediate_size=48
+    )
+    teacher, config = build_model(cfg, _vocab(tokenizer_dir))
+    student, student_config = from_teacher_layers(teacher, config, stride=2)
+    assert student_config["num_hidden_layers"] == 3  # layers 0, 2, 4
+    for s_index, t_index in enumerate([0, 2, 4]):
+        s = student.model.layers[s_index].self_attn.q_proj.weight
+        t = teacher.model.layers[t_index].self_attn.q_proj.weight
+        assert mx.array_equal(s, t).item()
+    assert mx.array_equal(lm_head_weight(student), lm_head_weight(teacher)).item()
+    # Keeping every layer reproduces the teacher exactly.
+    clone, _ = from_teacher_layers(teacher, config, stride=1)
+    tokens = mx.array([[1, 5, 9, 4]])
+    assert mx.allclose(clone(tokens), teacher(tokens)).item()
+
+
+def test_bad_model_folders(tmp_path):
+    with pytest.raises(BadInput, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BadInput, match="no .safetensors"):
+        load_model(tmp_path)
+    with pytest.raises(BadInput, match="must divide"):
+        build_model(ModelConfig(hidden_size=30, num_heads=4), 50)

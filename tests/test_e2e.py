@@ -176,3 +176,36 @@ def test_rerun_skips_and_changes_rerun_downstream(quickstart):
         "eval": "ran",
         "report": "ran",
     }
+
+
+def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
+    """recipes/quickstart_teacher.yaml, shrunk: SentencePiece + a tiny teacher + its eval."""
+    sets = [
+        f"runs_dir={tmp_path}",
+        "data.max_train=64",
+        "tokenizer.vocab_size=160",
+        "teacher.model.hidden_size=32",
+        "teacher.model.num_layers=1",
+        "teacher.model.num_heads=2",
+        "teacher.model.intermediate_size=64",
+        "teacher.train.steps=3",
+        "teacher.train.batch_size=8",
+        "teacher.train.checkpoint_every=2",
+        "eval.num_examples=4",
+        "eval.max_new_tokens=8",
+    ]
+    args = [a for s in sets for a in ("--set", s)]
+    summary = json.loads(
+        run_cli("run", "recipes/quickstart_teacher.yaml", *args, "--json", "--no-progress").stdout
+    )
+    assert summary["stages"] == {"tokenizer": "ran", "teacher": "ran", "eval": "ran"}
+    run_dir = tmp_path / "quickstart_teacher"
+    teacher = run_dir / "teacher" / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sentencepiece.model"):
+        assert (teacher / name).exists()
+    config = json.loads((teacher / "config.json").read_text())
+    assert config["hidden_size"] == 32 and config["vocab_size"] == 160 + 1  # + newline marker
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"teacher"}
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints" / "teacher").iterdir())
+    assert ckpts == ["step-000002", "step-000003"]

@@ -23,8 +23,10 @@ step, (top - kth) / 508 nats, plus float16 rounding of the ends (relative 2^-11)
 spread that is 0.03 nats, i.e. 3% of each probability, and the top entry is exact to float16.
 `sample` stores exact draw counts c (weight c / n): no quantization error.
 
-Bytes per token at k = 32 and a 384-token vocabulary (9-bit ids): 36 (ids) + 32 (codes) + 4
-(range) + 1 (count) + 2 (token) + 1 (mask) = 76, plus the text record.
+Bytes per target position at k = 32 with b-bit ids: 4b (ids) + 32 (codes) + 4 (range) + 1 (count)
++ token and mask (2-4 bytes), plus the text record. A 384-id vocabulary (b = 9): 76; the
+100-byte budget holds up to b = 15 (32,768 ids); Qwen2.5's 151,665 ids (b = 18): ~113. Prompt
+tokens carry no targets, so the figure per token of a chat cache is lower.
 """
 
 from __future__ import annotations

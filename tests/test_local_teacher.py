@@ -83,12 +83,14 @@ def test_padded_vocabulary_ignores_extra_rows_and_warns_once():
         smaller.score(examples[:1])
 
 
-def test_quantized_teacher_made_here(folder, tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_teacher_made_here(folder, tmp_path, bits):
     _, model, args = folder
     q_model, _ = tiny_model(V, seed=21)  # same weights as `model`, quantized on save
-    path = save_teacher(tmp_path / "q4", q_model, args, tiny_tokenizer(V), quantize_bits=4)
+    path = save_teacher(tmp_path / "q", q_model, args, tiny_tokenizer(V), quantize_bits=bits)
     teacher = LocalTeacher(path)
-    assert teacher.params["quantization"]["bits"] == 4
+    assert teacher.params["quantization"]["bits"] == bits
+    assert teacher.version != LocalTeacher((model, tiny_tokenizer(V))).version
     examples = random_examples(8, V, seed=5)
     got = teacher.score(examples, k=4)
     agree = total = 0
@@ -100,7 +102,7 @@ def test_quantized_teacher_made_here(folder, tmp_path):
         top_fp = dense_targets(model, ex).argmax(1)
         agree += int((row.ids.reshape(-1, 4)[:, 0] == top_fp).sum())
         total += len(top_fp)
-    assert agree / total >= 0.7  # 4-bit weights keep most of the teacher's argmax
+    assert agree / total >= (0.7 if bits == 4 else 0.9)  # most of the teacher's argmax
     build_token_cache(teacher, examples, tmp_path / "cache", k=4, progress=False)
     assert len(open_cache(tmp_path / "cache")) == 8
 

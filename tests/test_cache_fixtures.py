@@ -21,7 +21,7 @@ def tiny_tokenizer(size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1")
 
 
-def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32):
+def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32, scale: float = 6.0):
     from mlx_lm.models import llama
 
     mx.random.seed(seed)
@@ -37,8 +37,8 @@ def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32):
         tie_word_embeddings=True,
     )
     model = llama.Model(args)
-    # larger logits than the default init: a peaked, teacher-like distribution
-    model.update({"model": {"embed_tokens": {"weight": model.model.embed_tokens.weight * 6}}})
+    # scale > 1: larger logits than the default init, a peaked, teacher-like distribution
+    model.update({"model": {"embed_tokens": {"weight": model.model.embed_tokens.weight * scale}}})
     mx.eval(model.parameters())
     return model, args
 

@@ -127,25 +127,29 @@ def test_vocabulary_map_not_size_decides_compatibility(folder, tmp_path):
         )
 
 
-def test_generate_greedy_matches_argmax_and_sampling_is_seeded(folder):
-    path, model, _ = folder
-    teacher = LocalTeacher(path)
-    prompt = "t5 t9 t33 t2"
-    (out,) = teacher.generate([prompt], max_tokens=6)
-    ids = list(teacher.tokenizer.encode(prompt))
-    chain = []
-    for _ in range(6):
-        logits = model(mx.array([ids + chain]))[0, -1]
-        nxt = int(mx.argmax(logits).item())
-        chain.append(nxt)
-        if nxt == teacher.tokenizer.eos_token_id:
-            break
-    assert out.ok and out.usage == {"prompt_tokens": len(ids), "completion_tokens": len(chain)}
-    assert out.finish_reason == ("stop" if chain[-1] == 1 else "length")
-    assert out.text.split() == [f"t{i}" for i in chain if i != 1]
-    a = teacher.generate([prompt, prompt], max_tokens=8, temperature=1.0, seed=3)
-    b = teacher.generate([prompt, prompt], max_tokens=8, temperature=1.0, seed=3)
-    assert [c.text for c in a] == [c.text for c in b]
+def test_generate_greedy_matches_argmax_and_sampling_is_seeded(tmp_path):
+    model, args = tiny_model(V, seed=2, scale=1.0)  # a flat model: varied, non-repeating text
+    teacher = LocalTeacher(save_teacher(tmp_path, model, args, tiny_tokenizer(V)))
+    prompts = ["t5 t9 t33 t2", "t7", "t40 t41 t42 t43 t44 t45 t46"]  # left padding in a batch
+    outs = teacher.generate(prompts, max_tokens=6)
+    eos = teacher.tokenizer.eos_token_id
+    for prompt, out in zip(prompts, outs):
+        ids = list(teacher.tokenizer.encode(prompt))
+        chain = []
+        while len(chain) < 6:
+            nxt = int(mx.argmax(model(mx.array([ids + chain]))[0, -1]).item())
+            if nxt == eos:
+                break
+            chain.append(nxt)
+        assert out.ok and out.usage == {"prompt_tokens": len(ids), "completion_tokens": len(chain)}
+        assert out.finish_reason == ("length" if len(chain) == 6 else "stop")
+        assert out.text.split() == [f"t{i}" for i in chain]
+    assert len({tuple(c.text.split()) for c in outs}) == 3
+    assert any(len(set(c.text.split())) > 1 for c in outs)
+    a = teacher.generate(prompts, max_tokens=8, temperature=1.0, seed=3)
+    b = teacher.generate(prompts, max_tokens=8, temperature=1.0, seed=3)
+    c = teacher.generate(prompts, max_tokens=8, temperature=1.0, seed=4)
+    assert [x.text for x in a] == [x.text for x in b] != [x.text for x in c]
 
 
 def test_bad_folder(tmp_path):

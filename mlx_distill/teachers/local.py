@@ -165,36 +165,47 @@ class LocalTeacher:
         top_k: int = 0,
         seed: int = 0,
         chat: bool = True,
+        batch_size: int = 32,
     ) -> list[Completion]:
-        """Answer each prompt (sequence-level KD). temperature 0 is greedy decoding.
+        """Answer prompts in batches (sequence-level KD). temperature 0 is greedy decoding.
 
         chat: wrap each prompt in the tokenizer's chat template when it has one.
-        The generation RNG is seeded with (seed + prompt index) so answers are reproducible.
+        Batched with mlx-lm's continuous batching; the RNG is seeded once, so the same prompts,
+        seed and batch_size give the same answers. finish_reason is "stop" when the model ended
+        the answer, "length" when it hit max_tokens.
         """
-        from mlx_lm import stream_generate
+        from mlx_lm import batch_generate
         from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-        sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
-        has_template = chat and getattr(self.tokenizer, "chat_template", None)
-        results = []
-        for i, prompt in enumerate(prompts):
-            mx.random.seed(seed + i)
+        tokenizer = self.tokenizer
+        if not isinstance(tokenizer, TokenizerWrapper):
+            tokenizer = TokenizerWrapper(tokenizer)
+        has_template = chat and getattr(tokenizer, "chat_template", None)
+        encoded = []
+        for prompt in prompts:
             if has_template:
                 messages = [{"role": "user", "content": prompt}]
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                encoded.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
             else:
-                ids = self.tokenizer.encode(prompt)
-            text, last = [], None
-            for last in stream_generate(
-                self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler
-            ):
-                text.append(last.text)
-            usage = {
-                "prompt_tokens": len(ids),
-                "completion_tokens": last.generation_tokens if last else 0,
-            }
-            reason = (last.finish_reason if last else None) or "length"
-            results.append(Completion(prompt, "".join(text), finish_reason=reason, usage=usage))
+                encoded.append(tokenizer.encode(prompt))
+        mx.random.seed(seed)
+        out = batch_generate(
+            self.model,
+            tokenizer,
+            encoded,
+            max_tokens=max_tokens,
+            sampler=make_sampler(temp=temperature, top_p=top_p, top_k=top_k),
+            return_token_ids=True,
+            completion_batch_size=batch_size,
+            prefill_batch_size=min(batch_size, 8),
+        )
+        results = []
+        for prompt, ids, tokens, text in zip(prompts, encoded, out.token_ids, out.texts):
+            # the end-of-answer token is not returned, so a short answer is a stopped one
+            reason = "length" if len(tokens) >= max_tokens else "stop"
+            usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens)}
+            results.append(Completion(prompt, text, finish_reason=reason, usage=usage))
         return results
 
 

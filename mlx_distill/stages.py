@@ -146,12 +146,21 @@ def _preflight(recipe: Recipe, stages: list[str]) -> None:
             if not path.is_file():
                 raise BadInput(f"recipe key data.{split}: data file not found: {path}")
             read_jsonl(path)  # a malformed line fails here, naming file and line
-    for key, value in (
-        ("tokenizer.path", recipe.tokenizer.path),
-        ("teacher.path", recipe.teacher.path),
-    ):
+    local_teacher = recipe.teacher.path if recipe.teacher.kind == "local" else None
+    for key, value in (("tokenizer.path", recipe.tokenizer.path), ("teacher.path", local_teacher)):
         if value and not Path(value).is_dir():
             raise BadInput(f"recipe key {key}: folder not found: {value}")
+    if recipe.tokenizer.path and local_teacher and {"teacher", "cache"} & set(stages):
+        from mlx_distill.text.tokenizer import load_tokenizer, vocab_hash
+
+        student, teacher = (
+            vocab_hash(load_tokenizer(p)) for p in (recipe.tokenizer.path, local_teacher)
+        )
+        if student != teacher:
+            raise BadInput(
+                f"the student's tokenizer ({recipe.tokenizer.path}, vocab hash {student}) does not "
+                f"match the teacher's ({local_teacher}, {teacher})"
+            )
 
 
 def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False) -> dict[str, str]:

@@ -111,3 +111,36 @@ def test_cache_info_on_missing_path(tmp_path):
     proc = cli("cache", "info", str(tmp_path / "nothing"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def _model_folder(path, texts, vocab_size):
+    from mlx_distill.models import build_model, save_model
+    from mlx_distill.recipe import ModelConfig
+    from mlx_distill.text.tokenizer import train_sentencepiece
+
+    tok_dir = train_sentencepiece(texts, path / "tok", vocab_size=vocab_size)
+    cfg = ModelConfig(
+        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32
+    )
+    model, config = build_model(cfg, vocab_size + 1)
+    return save_model(model, config, tok_dir, path / "model")
+
+
+def test_student_teacher_vocab_mismatch(tmp_path):
+    from mlx_distill.tasks import arithmetic
+
+    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(200, 0)]
+    teacher = _model_folder(tmp_path / "a", texts, 120)
+    student_tok = _model_folder(tmp_path / "b", texts[:100] + ["other words " * 9] * 50, 110)
+    proc = cli(
+        "run",
+        "recipes/quickstart.yaml",
+        "--set",
+        f"runs_dir={tmp_path / 'runs'}",
+        "--set",
+        f"teacher.path={teacher}",
+        "--set",
+        f"tokenizer.path={student_tok}",
+    )
+    assert_one_line_error(proc, "does not match the teacher's")
+    assert not (tmp_path / "runs").exists()

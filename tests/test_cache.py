@@ -263,3 +263,16 @@ def test_rows_without_targets_round_trip(teacher, tmp_path):
     batch = next(Loader(cache, batch_size=5, seq_len=8, seed=0, shuffle=False))
     assert not np.array(batch.mask)[:2].any()
     assert np.all(np.array(batch.targets.logprobs)[:2, :, 0] == 0)
+
+
+def test_second_writer_is_refused(teacher, tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(BadInput, match="another process is writing this cache"):
+            build_token_cache(teacher, random_examples(2, V, 0), tmp_path, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    build_token_cache(teacher, random_examples(2, V, 0), tmp_path, progress=False)
+    assert verify_cache(tmp_path)["rows"] == 2

@@ -12,6 +12,7 @@ refuses a resume onto different examples.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 from collections.abc import Sequence
@@ -95,10 +96,24 @@ def build_token_cache(
         },
         "shards": [],
     }
-    if (out_dir / fmt.MANIFEST).exists():
-        manifest = _resume(out_dir, manifest)
-    for stray in out_dir.glob("*.tmp*"):
-        stray.unlink()
+    with open(out_dir / ".lock", "a+") as lock:
+        try:  # one writer per cache: a second one would delete the first one's temp files
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"{out_dir}: another process is writing this cache") from None
+        if (out_dir / fmt.MANIFEST).exists():
+            manifest = _resume(out_dir, manifest)
+        for stray in out_dir.glob("*.tmp*"):
+            stray.unlink()
+        _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, samples, seed)
+    return manifest
+
+
+def _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, samples, seed):
+    """Score and write every shard the manifest does not list yet, updating it after each."""
+    fp = manifest["fingerprint"]
+    targets, k, temperature = fp["targets"], fp["k"], fp["temperature"]
+    total, shard_rows = manifest["total_rows"], manifest["shard_rows"]
     done = {s["index"] for s in manifest["shards"]}
     n_shards = (total + shard_rows - 1) // shard_rows
     bar = None
@@ -145,7 +160,6 @@ def build_token_cache(
         bar.close()
     _summarize(manifest)
     fmt.write_manifest(out_dir, manifest)
-    return manifest
 
 
 def encode_shard(

@@ -46,6 +46,9 @@ class TokenCache:
         self.samples: int = int(self.fingerprint["samples"])
         self.vocab_size: int = int(self.fingerprint["vocab_size"])
         self.id_bits: int = int(manifest["encoding"]["id_bits"])
+        self.values: str = manifest["encoding"]["values"]
+        if self.values not in (*fmt.TOPK_SCHEMES, "counts"):
+            raise BadInput(f"cache {path}: unknown value encoding {self.values!r}")
         self.k_slots: int = max(1, int(manifest["max_entries"]))  # widest position
         self.shards: list[dict] = manifest["shards"]
         self._starts = [s["first_row"] for s in self.shards]
@@ -81,7 +84,7 @@ class TokenCache:
         codes = a["codes"][e0:e1]
         if self.targets == "topk":
             ranges = a["ranges"][p0 : p0 + len(positions)]
-            logprobs = fmt.decode_topk(codes, ranges, counts)
+            logprobs = fmt.decode_topk(codes, ranges, counts, self.values)
         else:
             logprobs = np.log(codes.astype(np.float32) / np.float32(self.samples))
         return CacheRow(tokens, mask, positions, counts, ids, logprobs.astype(np.float32))

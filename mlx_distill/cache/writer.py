@@ -92,7 +92,7 @@ def build_token_cache(
         "seed": seed if targets == "sample" else None,  # top-k targets do not depend on it
         "encoding": {
             "id_bits": fmt.id_bits(teacher.vocab_size),
-            "values": "loglinear8" if targets == "topk" else "counts",
+            "values": fmt.TOPK_SCHEMES[0] if targets == "topk" else "counts",
         },
         "shards": [],
     }

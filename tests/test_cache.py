@@ -57,8 +57,12 @@ def test_topk_codes_error_within_stated_bound():
     spread = lp[:, :1] - lp[:, -1:]
     near = ((lp[:, :1] - lp) < 1.0) & (spread > 4.0)
     assert np.all((np.abs(got - lp) < np.broadcast_to(spread / 508, lp.shape))[near])
-    linear = fmt.decode_topk(codes.reshape(-1), ranges, np.full(200, 32), "loglinear8")
-    assert np.all(linear.reshape(200, 32)[:, 0] == ranges[:, 1].astype(np.float32))
+    # caches written with the earlier linear codes (code 0 = k-th, 254 = top) still decode
+    hi, lo = ranges[:, :1].astype(np.float32), ranges[:, 1:].astype(np.float32)
+    linear_codes = np.rint((lp - lo) / (hi - lo) * 254).clip(0, 254).astype(np.uint8)
+    linear = fmt.decode_topk(linear_codes.reshape(-1), ranges, np.full(200, 32), "loglinear8")
+    err = np.abs(linear.reshape(200, 32) - lp)
+    assert np.all(err <= (hi - lo) / 508 + np.abs(lp).max(axis=1, keepdims=True) * 2.0**-10)
 
 
 def topk_error_bound(lp: np.ndarray) -> np.ndarray:

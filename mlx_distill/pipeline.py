@@ -234,6 +234,11 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     out = ctx.run_dir / ("student" if use_cache else "baseline")
     stage_json = (ctx.stage_dir(run) / "stage.json").read_text() if run == "baseline" else None
     save_model(model, config, ctx.stage_dir("tokenizer"), out)
+    bits = recipe.export.quantize_bits
+    if use_cache and bits:
+        from mlx_distill.models import export_quantized
+
+        export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
     if stage_json is not None:  # the baseline's model folder is also its stage folder
         (out / "stage.json").write_text(stage_json)
     return {

@@ -16,12 +16,12 @@ def _models(ctx: Context) -> dict[str, Path]:
         info = json.loads(teacher_json.read_text())
         if info.get("kind") == "local":
             found["teacher"] = Path(info["path"])
-    for role, folder in (("student", "student"), ("baseline", "baseline")):
-        if role in ("student",) and "distill" not in ctx.recipe.stages:
-            continue
-        if role == "baseline" and "baseline" not in ctx.recipe.stages:
-            continue
-        if (ctx.run_dir / folder / "config.json").exists():
+    bits = ctx.recipe.export.quantize_bits
+    candidates = [("student", "student", "distill"), ("baseline", "baseline", "baseline")]
+    if bits:
+        candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
+    for role, folder, stage in candidates:
+        if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
             found[role] = ctx.run_dir / folder
     return found
 
@@ -126,6 +126,9 @@ def write_report(ctx: Context) -> dict:
         info = read_stage(ctx, stage) or {}
         params[role] = (info.get("result") or {}).get("parameters")
     names = {"teacher": "teacher", "student": "KD student", "baseline": "baseline (hard labels)"}
+    for role in models:
+        if role.startswith("student-q"):
+            names[role] = f"KD student, {role.removeprefix('student-q')}-bit export"
     for role, row in models.items():
         em = f"{row['exact_match']:.1%}" if "exact_match" in row else "n/a"
         agree = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
@@ -133,11 +136,11 @@ def write_report(ctx: Context) -> dict:
         lines.append(f"| {names[role]} | {p} | {em} | {row['perplexity']:.3f} | {agree} |")
     if "student" in models and "baseline" in models and "exact_match" in models["student"]:
         diff = models["student"]["exact_match"] - models["baseline"]["exact_match"]
-        verdict = "beats" if diff > 0 else "does not beat"
+        verdict = {1: "beats", 0: "ties", -1: "trails"}[(diff > 0) - (diff < 0)]
         lines += [
             "",
-            f"The KD student {verdict} the baseline by {diff * 100:+.1f} points of exact "
-            f"match (same architecture, same {recipe.train.steps} steps, same data order, "
+            f"The KD student {verdict} the baseline ({diff * 100:+.1f} points of exact "
+            f"match; same architecture, same {recipe.train.steps} steps, same data order, "
             f"seed {recipe.seed}); loss `{recipe.loss.kind}`, kd_weight {recipe.loss.kd_weight}, "
             f"cache `{recipe.cache.targets}` k={recipe.cache.k}.",
         ]

@@ -27,7 +27,7 @@ SECTIONS = {
     "tokenizer": ("data", "tokenizer"),
     "teacher": ("teacher", "data"),
     "cache": ("cache", "data"),
-    "distill": ("student", "loss", "train", "data"),
+    "distill": ("student", "loss", "train", "data", "export"),
     "baseline": ("student", "train", "baseline", "data"),
     "eval": ("eval", "data"),
     "report": (),
@@ -44,7 +44,7 @@ UPSTREAM = {
 # Folders a stage writes besides its own; cleared when it starts over.
 OUTPUTS = {
     "teacher": ("checkpoints/teacher",),
-    "distill": ("student", "checkpoints/distill"),
+    "distill": ("student", "student-q4", "student-q8", "checkpoints/distill"),
     "baseline": ("checkpoints/baseline",),
 }
 

@@ -17,6 +17,7 @@ SHRINK = [
     "eval.num_examples=6",
     "eval.max_new_tokens=12",
     "cache.shard_rows=20",
+    "export.quantize_bits=4",
 ]
 
 
@@ -78,13 +79,18 @@ def test_cache_manifest_matches_data(quickstart):
 def test_report_has_table_plot_and_chat_hint(quickstart):
     run_dir, _, _ = quickstart
     report = (run_dir / "report.md").read_text()
-    for row in ("| teacher |", "| KD student |", "| baseline (hard labels) |"):
+    for row in (
+        "| teacher |",
+        "| KD student |",
+        "| baseline (hard labels) |",
+        "| KD student, 4-bit export",
+    ):
         assert row in report
     assert "Seed 0" in report
     assert f"mlx-distill chat {run_dir / 'student'}" in report.splitlines()[-3]
     assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    for role in ("teacher", "student", "baseline"):
+    for role in ("teacher", "student", "baseline", "student-q4"):
         assert 0.0 <= results["models"][role]["exact_match"] <= 1.0
         assert results["models"][role]["perplexity"] > 1.0
 
@@ -103,6 +109,11 @@ def test_student_loads_with_mlx_lm_and_matches(quickstart):
     fused_view = hidden_states(model, tokens) @ lm_head_weight(model).T
     assert mx.allclose(logits, fused_view, atol=1e-4).item()
     assert tokenizer.eos_token == "<|end|>"
+    quantized, _ = load(str(run_dir / "student-q4"))
+    config = json.loads((run_dir / "student-q4" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+    # 4-bit weights stay close to the fp32 student on the same input.
+    assert mx.abs(quantized(tokens) - logits).max().item() < 0.5 * mx.abs(logits).max().item()
 
 
 def test_mlx_lm_generate_cli_offline(quickstart):

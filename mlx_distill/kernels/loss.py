@@ -14,9 +14,9 @@ from mlx_distill.kernels.targets import DenseTargets, SparseTargets
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
 TAILS = ("bucket", "ignore")
-# Bytes of (chunk, V) temporaries a chunk may hold. Small on CPU: a chunk of 128-256 rows already
-# runs the matmuls at full BLAS speed, and the benchmark's memory target is 10% of naive.
-CHUNK_BUDGET = {"cpu": 96 << 20, "gpu": 512 << 20}
+# Bytes of (chunk, V) temporaries a chunk may hold. On CPU the backward matmuls (inner
+# dimension = chunk) need ~512 rows to run near full BLAS speed; 256 MB gives that at V = 32k.
+CHUNK_BUDGET = {"cpu": 256 << 20, "gpu": 1 << 30}
 
 _grad_in_forward = contextvars.ContextVar("mlx_distill_grad_in_forward", default=True)
 
@@ -39,10 +39,10 @@ def choose_chunk(n_rows: int, vocab: int, itemsize: int, dense: bool, extra_exp:
     """Rows per chunk so that the chunk's (rows, V) temporaries fit `CHUNK_BUDGET`."""
     on_gpu = mx.default_device() == mx.gpu
     budget = CHUNK_BUDGET["gpu" if on_gpu else "cpu"]
-    # logits, masked logits, exponentials, dz (+ exp at T for CE); dense adds teacher arrays.
-    arrays = (9 if dense else 4) + (1 if extra_exp else 0)
+    # Measured: ~2.5 (n, V) buffers live per sparse chunk (+1 for CE at T != 1, ~6 for dense).
+    arrays = (7 if dense else 4) + (1 if extra_exp else 0)
     rows = budget // (arrays * vocab * itemsize)
-    rows = max(16, rows - rows % 16)
+    rows = max(8, rows - rows % 8)
     return int(min(rows, n_rows))
 
 

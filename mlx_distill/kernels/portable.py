@@ -13,13 +13,13 @@ Two strategies share one chunk function:
 - recompute: forward computes the loss only (1 matmul); the VJP recomputes the chunk with its
   gradient. Used for evaluation (`kernels.forward_only()`), where gradients are never wanted.
 
-Chunks are chained with `mx.depends` so that each chunk's (n, V) temporaries are freed before the
-next chunk's logits exist: peak extra memory is O(chunk x V), never O(N x V).
+The graph is built so that MLX evaluates the chunks one after the other and frees each chunk's
+(n, V) temporaries before the next chunk's logits exist (see `run_chunks`): peak extra memory is
+O(chunk x V), never O(N x V).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -127,12 +127,25 @@ def _sparse_kd(spec: Spec, sK, lpm, first, lse, lse_t, S_t, r):
     return kd, dsK, c * r, P
 
 
-def sparse_chunk(spec: Spec, rows, s, ids, lp, y, w, want_grad: bool):
+def gathered_logits(hs, Wc, ids, y):
+    """s at the teacher ids and the label, (n, k [+ 1]), from rows of W (not from s).
+
+    Reading them off `s` would keep `s` referenced until the end of the chunk, and MLX could then
+    not mask it in place: one more (n, V) buffer and a copy pass per chunk.
+    """
+    idx = [x for x in (ids, None if y is None else y[:, None]) if x is not None]
+    if not idx:
+        return None
+    idx = mx.concatenate(idx, axis=1) if len(idx) > 1 else idx[0]
+    return (Wc[idx] @ hs[:, :, None])[..., 0]
+
+
+def sparse_chunk(spec: Spec, rows, s, g, ids, lp, y, w, want_grad: bool):
     """One chunk with sparse targets or labels only.
 
-    s: (n, V) student logits / T; ids, lp: (n, k) or None; y: (n,) int or None; w: (n,) row
-    weights (mask / count). Returns sums (4,) = weighted [loss, ce, kd, covered] and dz (n, V)
-    = dloss/dz (or None).
+    s: (n, V) student logits / T; g: `gathered_logits` (n, k [+ 1]) or None; ids, lp: (n, k) or
+    None; y: (n,) int or None; w: (n,) row weights (mask / count). Returns sums (4,) = weighted
+    [loss, ce, kd, covered] and dz (n, V) = dloss/dz (or None).
     """
     n = s.shape[0]
     T = spec.temperature
@@ -140,7 +153,7 @@ def sparse_chunk(spec: Spec, rows, s, ids, lp, y, w, want_grad: bool):
     ridx = mx.arange(n)[:, None]
     if ids is not None:
         first, lpm = _dedupe(ids, lp)
-        sK = mx.take_along_axis(s, ids, axis=-1)
+        sK = g[:, : ids.shape[1]]
         s_m = s.at[ridx, ids].add(mx.where(first, NEG_INF, 0.0).astype(s.dtype))
     else:
         s_m = s
@@ -166,7 +179,7 @@ def sparse_chunk(spec: Spec, rows, s, ids, lp, y, w, want_grad: bool):
         coef_e = mx.where(keep, scale * c_e, 0.0)
         dK = mx.where(keep[:, None], scale[:, None] * dsK, 0.0)
     if spec.has_labels:
-        s_y = mx.take_along_axis(s, y[:, None], axis=-1)[:, 0]
+        s_y = g[:, -1]
         if T == 1.0:
             lse_z, z_y = lse, s_y
             soft_e, soft_K = r, (mx.exp(sK - lse[:, None]) if ids is not None else None)
@@ -267,16 +280,6 @@ def compute_dtype(*arrays: mx.array):
     return mx.float64 if all(a.dtype == mx.float64 for a in arrays) else mx.float32
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_chunk(spec: Spec, rows, want_grad: bool):
-    """The chunk function with its elementwise chains fused by `mx.compile` (fewer passes)."""
-    if spec.targets == "dense":
-        return mx.compile(lambda s, t, y, w: dense_chunk(spec, s, t, y, w, want_grad))
-    return mx.compile(
-        lambda s, ids, lp, y, w: sparse_chunk(spec, rows, s, ids, lp, y, w, want_grad)
-    )
-
-
 def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
     """Loop over token chunks. h (N, d), W (V, d); extras as packed by `loss.distill_loss`.
 
@@ -286,19 +289,26 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
     Wc = W.astype(cd)
     N = h.shape[0]
     T = spec.temperature
-    sums, dW, dhs, dep = None, None, [], None
+    sums, dW, dhs = None, None, []
     for a in range(0, N, spec.chunk):
         b = min(a + spec.chunk, N)
         hc = h[a:b].astype(cd)
-        if dep is not None:
-            # Serialize: this chunk's logits exist only after the previous chunk is finished.
-            hc = mx.depends(hc, dep)
-        s = (hc * (1.0 / T) if T != 1.0 else hc) @ Wc.T
+        if sums is not None:
+            # MLX schedules a graph breadth-first, which would interleave the chunks and keep
+            # all their (n, V) buffers alive: start chunk c only after chunk c - 1 is done.
+            # dW rides through the same node so that it keeps a single reader and the next
+            # addmm updates it in place (a second reader would pin every dW buffer until the end).
+            if dW is None:
+                hc = mx.depends(hc, [sums])
+            else:
+                hc, dW = mx.depends([hc, dW], [sums, dhs[-1]])
+        hs = hc * (1.0 / T) if T != 1.0 else hc
+        s = hs @ Wc.T
         part = [x[a:b] for x in extras]
         if spec.targets == "dense":
             t, w = part[0], part[-1].astype(cd)
             y = part[1] if spec.has_labels else None
-            c_sums, dz = _compiled_chunk(spec, rows, want_grad)(s, t, y, w)
+            c_sums, dz = dense_chunk(spec, s, t, y, w, want_grad)
         else:
             if spec.targets == "sparse":
                 ids, lp = part[0], part[1].astype(cd)
@@ -307,14 +317,12 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
                 ids, lp = None, None
             y = part[0] if spec.has_labels else None
             w = part[-1].astype(cd)
-            c_sums, dz = _compiled_chunk(spec, rows, want_grad)(s, ids, lp, y, w)
+            g = gathered_logits(hs, Wc, ids, y)
+            c_sums, dz = sparse_chunk(spec, rows, s, g, ids, lp, y, w, want_grad)
         sums = c_sums if sums is None else sums + c_sums
-        dep = [sums]
         if want_grad:
-            dh_c = dz @ Wc
+            dhs.append(dz @ Wc)
             dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
-            dhs.append(dh_c)
-            dep += [dW, dh_c]
     if not want_grad:
         return sums, None, None
     dh = mx.concatenate(dhs, axis=0) if len(dhs) > 1 else dhs[0]
@@ -324,21 +332,24 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
 def fused_loss(spec: Spec, rows, h: mx.array, W: mx.array, extras: list):
     """(loss, ce, kd, covered) scalars with a hand-written VJP to h and W only."""
 
+    # Outputs: [dW, dh,] loss, ce, kd, covered. Evaluating the loss evaluates them all: they
+    # are all inputs of MLX's custom-function node.
     @mx.custom_function
     def f(h, W, extras):
         sums, dh, dW = run_chunks(spec, rows, h, W, extras, spec.grad_in_forward)
         outs = (sums[0], sums[1], sums[2], sums[3])
         if spec.grad_in_forward:
-            outs += (mx.stop_gradient(dh), mx.stop_gradient(dW))
+            outs = (mx.stop_gradient(dW), mx.stop_gradient(dh)) + outs
         return outs
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         h, W, extras = primals
-        g = cotangents[0]
         if spec.grad_in_forward:
-            dh, dW = outputs[4], outputs[5]
+            dW, dh = outputs[0], outputs[1]
+            g = cotangents[2]
         else:
+            g = cotangents[0]
             _, dh, dW = run_chunks(spec, rows, h, W, extras, True)
         g = g.astype(dh.dtype)
         return (
@@ -347,4 +358,4 @@ def fused_loss(spec: Spec, rows, h: mx.array, W: mx.array, extras: list):
             [mx.zeros_like(e) for e in extras],
         )
 
-    return f(h, W, extras)[:4]
+    return f(h, W, extras)[-4:]

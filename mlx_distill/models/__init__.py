@@ -146,5 +146,14 @@ def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: 
     return path
 
 
+def export_quantized(model_dir: str | Path, out_dir: str | Path, bits: int) -> Path:
+    """Write a `bits`-bit (affine, group 32) copy of an mlx-lm folder that mlx_lm.load reads."""
+    from mlx_lm.utils import quantize_model
+
+    model, _, config = load_model(model_dir)
+    model, config = quantize_model(model, config, group_size=32, bits=bits)
+    return save_model(model, config, model_dir, out_dir)
+
+
 def num_params(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -15,8 +15,8 @@ from mlx_distill.kernels.targets import DenseTargets, SparseTargets
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
 TAILS = ("bucket", "ignore")
 # Bytes of (chunk, V) temporaries a chunk may hold. On CPU the backward matmuls (inner
-# dimension = chunk) need ~512 rows to run near full BLAS speed; 256 MB gives that at V = 32k.
-CHUNK_BUDGET = {"cpu": 256 << 20, "gpu": 1 << 30}
+# dimension = chunk) need ~500 rows to run near full BLAS speed; 224 MB gives 448 at V = 32k.
+CHUNK_BUDGET = {"cpu": 224 << 20, "gpu": 1 << 30}
 
 _grad_in_forward = contextvars.ContextVar("mlx_distill_grad_in_forward", default=True)
 

@@ -17,6 +17,7 @@ TAILS = ("bucket", "ignore")
 # Bytes of (chunk, V) temporaries a chunk may hold. On CPU the backward matmuls (inner
 # dimension = chunk) need ~500 rows to run near full BLAS speed; 224 MB gives 448 at V = 32k.
 CHUNK_BUDGET = {"cpu": 224 << 20, "gpu": 1 << 30}
+MIN_ROWS = 256
 
 _grad_in_forward = contextvars.ContextVar("mlx_distill_grad_in_forward", default=True)
 
@@ -42,7 +43,8 @@ def choose_chunk(n_rows: int, vocab: int, itemsize: int, dense: bool, extra_exp:
     # Measured: ~2.5 (n, V) buffers live per sparse chunk (+1 for CE at T != 1, ~6 for dense).
     arrays = (7 if dense else 4) + (1 if extra_exp else 0)
     rows = budget // (arrays * vocab * itemsize)
-    rows = max(8, rows - rows % 8)
+    # Never below MIN_ROWS: thinner chunks make the matmuls slow (at V = 152k that is ~0.4 GB).
+    rows = max(MIN_ROWS, rows - rows % 8)
     return int(min(rows, n_rows))
 
 

@@ -138,7 +138,17 @@ def stage_teacher(ctx: Context) -> dict:
 def _cache_expect(ctx: Context, tokenizer) -> dict:
     from mlx_distill.text.tokenizer import template_hash, vocab_hash
 
-    return {"vocab_hash": vocab_hash(tokenizer), "template_hash": template_hash(tokenizer)}
+    c = ctx.recipe.cache
+    expect = {
+        "vocab_hash": vocab_hash(tokenizer),
+        "template_hash": template_hash(tokenizer),
+        "targets": c.targets,
+        "k": c.k,
+        "temperature": c.temperature,
+    }
+    if c.targets == "sample":
+        expect["samples"] = c.samples
+    return expect
 
 
 def stage_cache(ctx: Context) -> dict:

@@ -207,7 +207,7 @@ def distill_loss(
     )
     from mlx_distill.kernels.selfcheck import rows_for
 
-    rows = rows_for(spec)
+    rows = rows_for(spec, cd)
     loss, ce, kd, cov = fused_loss(spec, rows, h2, weight, extras)
     metrics = {"ce": ce, "kd": kd, "covered_mass": cov}
     return loss, {k: mx.stop_gradient(v) for k, v in metrics.items()}

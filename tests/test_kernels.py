@@ -436,3 +436,5 @@ def test_bad_shapes():
         distill_loss(h, W, DenseTargets(mx.array(p["t"][:, :5])))
     with pytest.raises(BadInput, match="needs targets"):
         distill_loss(h, W, None)
+    with pytest.raises(BadInput, match="empty"):
+        distill_loss(h[:0], W, None, kind="ce", labels=mx.array(p["labels"])[:0])

@@ -54,21 +54,36 @@ def fused_loss(h, W, ids, lp, labels, mask):
     return loss
 
 
-def _measure(fn, args, repeats: int) -> dict:
-    """Median seconds of loss + grads (after one warm-up) and peak bytes above the inputs."""
-    step = mx.value_and_grad(fn, argnums=(0, 1))
-    mx.eval(step(*args))  # warm-up
+def _peak(step, args) -> int:
+    """Peak bytes above the live inputs during one loss + gradients evaluation."""
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval(step(*args))
-        times.append(time.perf_counter() - t0)
+    mx.eval(step(*args))
     peak = mx.get_peak_memory() - base
     mx.clear_cache()
-    return {"seconds": statistics.median(times), "peak_bytes": int(peak)}
+    return int(peak)
+
+
+def _measure(fns: dict, args, repeats: int) -> dict:
+    """Median seconds of loss + gradients and peak bytes, for each function in `fns`.
+
+    After one warm-up each, the timed runs alternate between the functions, so that load from
+    other processes on a shared machine falls on both alike.
+    """
+    steps = {name: mx.value_and_grad(fn, argnums=(0, 1)) for name, fn in fns.items()}
+    out = {}
+    for name, step in steps.items():
+        out[name] = {"peak_bytes": _peak(step, args)}  # doubles as the warm-up
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            mx.eval(step(*args))
+            times[name].append(time.perf_counter() - t0)
+    for name in steps:
+        out[name] = {"seconds": statistics.median(times[name]), **out[name]}
+    return out
 
 
 def _naive_peak_estimate(V: int, d: int, N: int) -> int:
@@ -76,7 +91,9 @@ def _naive_peak_estimate(V: int, d: int, N: int) -> int:
     peaks = []
     for n in (128, 256):
         args = _inputs(n, V, d)
-        peaks.append(_measure(naive_loss, args, 1)["peak_bytes"])
+        step = mx.value_and_grad(naive_loss, argnums=(0, 1))
+        mx.eval(step(*args))
+        peaks.append(_peak(step, args))
         del args
     per_token = (peaks[1] - peaks[0]) / 128
     return int(peaks[0] + per_token * (N - 128))
@@ -84,6 +101,8 @@ def _naive_peak_estimate(V: int, d: int, N: int) -> int:
 
 def bench_loss(size: tuple[int, int, int] = (4096, 32768, 512), repeats: int = 5) -> dict:
     """Time and memory of loss + gradients, fused vs naive, at size (N, V, d).
+
+    Times are medians of `repeats` runs after a warm-up, alternating naive and fused runs.
 
     Returns {"size", "backend", "naive": {"seconds", "peak_bytes"}, "fused": {...},
     "memory_ratio", "time_ratio"}. When the naive path would need more than 15 GB it is not run:
@@ -104,9 +123,10 @@ def bench_loss(size: tuple[int, int, int] = (4096, 32768, 512), repeats: int = 5
             "skipped": f"needs ~{estimate / 1e9:.1f} GB (> 15 GB): not run",
             "estimated_peak_bytes": estimate,
         }
+        fused = _measure({"fused": fused_loss}, args, repeats)["fused"]
     else:
-        naive = _measure(naive_loss, args, repeats)
-    fused = _measure(fused_loss, args, repeats)
+        both = _measure({"naive": naive_loss, "fused": fused_loss}, args, repeats)
+        naive, fused = both["naive"], both["fused"]
     out["naive"], out["fused"] = naive, fused
     naive_bytes = naive["peak_bytes"] if naive["peak_bytes"] is not None else estimate
     out["memory_ratio"] = fused["peak_bytes"] / naive_bytes

@@ -65,6 +65,8 @@ def _check_args(hidden, weight, targets, kind, beta, temperature, tail, labels, 
         _fail("hidden and weight must be floating point")
     lead = tuple(hidden.shape[:-1])
     V = weight.shape[0]
+    if hidden.size == 0 or V == 0:
+        _fail(f"empty input: hidden {hidden.shape}, weight {weight.shape}")
     if kind not in KINDS:
         _fail(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if tail not in TAILS:

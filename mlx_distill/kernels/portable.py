@@ -280,6 +280,16 @@ def compute_dtype(*arrays: mx.array):
     return mx.float64 if all(a.dtype == mx.float64 for a in arrays) else mx.float32
 
 
+def _dz_times_w(dz: mx.array, Wc: mx.array) -> mx.array:
+    """dh = dz @ W (n, d). OpenBLAS runs this GEMM 3-4x slower when n <= d than the same
+    product written as (W^T dz^T)^T (measured on 2 cores, V = 32k: 25 vs 87 GFLOP/s at n = 448,
+    d = 512; the other way round for n > d), so pick the form by shape on CPU."""
+    n, d = dz.shape[0], Wc.shape[1]
+    if mx.default_device() == mx.cpu and n <= d:
+        return (Wc.T @ dz.T).T
+    return dz @ Wc
+
+
 def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
     """Loop over token chunks. h (N, d), W (V, d); extras as packed by `loss.distill_loss`.
 
@@ -321,7 +331,7 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
             c_sums, dz = sparse_chunk(spec, rows, s, g, ids, lp, y, w, want_grad)
         sums = c_sums if sums is None else sums + c_sums
         if want_grad:
-            dhs.append(dz @ Wc)
+            dhs.append(_dz_times_w(dz, Wc))
             dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
     if not want_grad:
         return sums, None, None

@@ -8,6 +8,7 @@ Every test draws fresh random inputs; the seed is in the failure message.
 from __future__ import annotations
 
 import itertools
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -438,3 +439,26 @@ def test_bad_shapes():
         distill_loss(h, W, None)
     with pytest.raises(BadInput, match="empty"):
         distill_loss(h[:0], W, None, kind="ce", labels=mx.array(p["labels"])[:0])
+
+
+def test_bench_loss_compares_like_with_like(monkeypatch):
+    from mlx_distill.kernels import bench
+
+    args = bench._inputs(48, 300, 16)
+    assert abs(bench.naive_loss(*args).item() - bench.fused_loss(*args).item()) < 1e-4
+    out = bench.bench_loss((48, 300, 16), repeats=1)
+    assert set(out) == {"size", "backend", "naive", "fused", "memory_ratio", "time_ratio"}
+    assert out["size"] == [48, 300, 16] and out["backend"].startswith("cpu/")
+    for key in ("naive", "fused"):
+        assert out[key]["seconds"] > 0 and out[key]["peak_bytes"] > 0
+    assert out["memory_ratio"] == pytest.approx(
+        out["fused"]["peak_bytes"] / out["naive"]["peak_bytes"]
+    )
+    json.dumps(out)
+    monkeypatch.setattr(bench, "NAIVE_LIMIT_BYTES", 0)
+    out = bench.bench_loss((48, 300, 16), repeats=1)
+    assert out["naive"]["seconds"] is None and out["time_ratio"] is None
+    assert "skipped" in out["naive"] and out["naive"]["estimated_peak_bytes"] > 0
+    assert out["memory_ratio"] == pytest.approx(
+        out["fused"]["peak_bytes"] / out["naive"]["estimated_peak_bytes"]
+    )

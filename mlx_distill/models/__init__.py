@@ -8,8 +8,10 @@ plain mlx-lm format: `mlx_lm.load(path)` and `mlx_lm generate --model path` read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -151,7 +153,9 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, bits: int) -> P
     from mlx_lm.utils import quantize_model
 
     model, _, config = load_model(model_dir)
-    model, config = quantize_model(model, config, group_size=32, bits=bits)
+    # mlx-lm prints a summary on stdout; keep stdout clean for --json.
+    with contextlib.redirect_stdout(sys.stderr):
+        model, config = quantize_model(model, config, group_size=32, bits=bits)
     return save_model(model, config, model_dir, out_dir)
 
 

@@ -136,11 +136,13 @@ def train(
             start = _restore(ckpt, model, optimizer, loader)
         else:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if start == 0 and metrics_path.exists():
-        # A fresh run replaces this run's old curve; other runs' lines are kept.
-        kept = [
-            line for line in metrics_path.read_text().splitlines() if json.loads(line)["run"] != run
-        ]
+    if metrics_path.exists():
+        # Keep other runs' lines and this run's lines up to the step it resumes from.
+        kept = []
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if record["run"] != run or record["step"] <= start:
+                kept.append(line)
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     state = [model.state, optimizer.state]

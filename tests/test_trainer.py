@@ -1,0 +1,154 @@
+"""The training loop: loss goes down, and a killed run resumes to the same weights."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_distill.cache.loader import Loader
+from mlx_distill.models import build_model
+from mlx_distill.recipe import LossConfig, ModelConfig, TrainConfig
+from mlx_distill.text.examples import TokenizedExample
+from mlx_distill.train.trainer import train
+
+VOCAB = 23
+
+
+def _examples(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(6, 14))
+        start = int(rng.integers(0, VOCAB))
+        tokens = (start + np.arange(length)) % VOCAB  # learnable: next = previous + 1
+        mask = np.ones(length, bool)
+        mask[:2] = False
+        out.append(TokenizedExample(tokens, mask))
+    return out
+
+
+def _model():
+    mx.random.seed(3)
+    cfg = ModelConfig(
+        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32
+    )
+    return build_model(cfg, VOCAB)[0]
+
+
+class _Interrupting(Loader):
+    """A loader that stops the process (as a kill would) when batch `at` is requested."""
+
+    def __init__(self, *args, at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.count = at, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            raise KeyboardInterrupt
+        return super().__next__()
+
+
+def _weights(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path):
+    model = _model()
+    cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=3, log_every=5)
+    loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
+    result = train(
+        model,
+        loader,
+        cfg,
+        None,
+        run="baseline",
+        metrics_path=tmp_path / "m.jsonl",
+        ckpt_dir=tmp_path / "ckpt",
+        fingerprint="fp",
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert result.steps == 30 and result.resumed_from == 0 and result.tokens > 0
+
+
+@pytest.mark.parametrize("loss_cfg", [None, LossConfig(kind="ce")])
+def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
+    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup=2, log_every=1, checkpoint_every=2)
+    examples = _examples()
+
+    whole = _model()
+    train(
+        whole,
+        Loader(examples, batch_size=4, seq_len=16, seed=1),
+        cfg,
+        loss_cfg,
+        run="a",
+        metrics_path=tmp_path / "a.jsonl",
+        ckpt_dir=tmp_path / "a",
+        fingerprint="fp",
+        progress=False,
+    )
+
+    killed = _model()
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            killed,
+            _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4),
+            cfg,
+            loss_cfg,
+            run="b",
+            metrics_path=tmp_path / "b.jsonl",
+            ckpt_dir=tmp_path / "b",
+            fingerprint="fp",
+            progress=False,
+        )
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-000002"]
+    resumed = _model()
+    result = train(
+        resumed,
+        Loader(examples, batch_size=4, seq_len=16, seed=1),
+        cfg,
+        loss_cfg,
+        run="b",
+        metrics_path=tmp_path / "b.jsonl",
+        ckpt_dir=tmp_path / "b",
+        fingerprint="fp",
+        progress=False,
+    )
+    assert result.resumed_from == 2
+    for key, value in _weights(whole).items():
+        np.testing.assert_allclose(_weights(resumed)[key], value, rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is replaced
+
+
+def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=4, log_every=1)
+    train(
+        _model(),
+        Loader(_examples(), batch_size=4, seq_len=16),
+        cfg,
+        None,
+        run="r",
+        metrics_path=tmp_path / "m.jsonl",
+        ckpt_dir=tmp_path / "c",
+        fingerprint="one",
+        progress=False,
+    )
+    result = train(
+        _model(),
+        Loader(_examples(), batch_size=4, seq_len=16),
+        cfg,
+        None,
+        run="r",
+        metrics_path=tmp_path / "m.jsonl",
+        ckpt_dir=tmp_path / "c",
+        fingerprint="two",
+        progress=False,
+    )
+    assert result.resumed_from == 0

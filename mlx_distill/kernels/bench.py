@@ -97,8 +97,8 @@ def _naive_peak_estimate(V: int, d: int, N: int) -> int:
         mx.eval(step(*args))
         peaks.append(_peak(step, args))
         del args
-    per_token = (peaks[1] - peaks[0]) / 128
-    return int(peaks[0] + per_token * (N - 128))
+    per_token = max(peaks[1] - peaks[0], 0) / 128
+    return max(int(peaks[0] + per_token * (N - 128)), min(peaks), 1)
 
 
 def bench_loss(size: tuple[int, int, int] = (4096, 32768, 512), repeats: int = 5) -> dict:

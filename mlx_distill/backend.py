@@ -35,10 +35,15 @@ _state: dict[str, str | None] = {"blas": None, "blas_error": None}
 
 
 def _site_dir(package: str) -> Path | None:
+    """The site-packages folder holding the mlx-cpu wheel (not a stray ./mlx folder)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]).parent
+    for location in spec.submodule_search_locations:
+        site = Path(location).parent
+        if (site / "mlx_cpu.libs").is_dir():
+            return site
+    return None
 
 
 def _private_openblas() -> tuple[str, str] | None:

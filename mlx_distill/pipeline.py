@@ -12,14 +12,7 @@ from pathlib import Path
 
 from mlx_distill.errors import BadInput
 from mlx_distill.stages import Context
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "sentencepiece.model",
-    "chat_template.jinja",
-)
+from mlx_distill.text.tokenizer import TOKENIZER_FILES
 
 
 def _tokenizer(ctx: Context):

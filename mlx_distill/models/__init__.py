@@ -20,15 +20,9 @@ from mlx.utils import tree_flatten
 
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import ModelConfig
+from mlx_distill.text.tokenizer import TOKENIZER_FILES
 
 ARCHS = ("llama", "qwen2")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "sentencepiece.model",
-    "chat_template.jinja",
-)
 
 
 def model_config_dict(cfg: ModelConfig, vocab_size: int) -> dict:

@@ -22,6 +22,14 @@ from mlx_distill.text.examples import TokenizedExample
 SPECIALS = ["<pad>", "<unk>", "<s>", "<|end|>"]  # ids 0..3, fixed
 MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>", "\n"]
 EOS = "<|end|>"
+# What a tokenizer folder holds; copied next to every saved model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.model",
+    "chat_template.jinja",
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -181,6 +181,14 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     resolved.with_suffix(".tmp").write_text(recipe.to_yaml())
     resolved.with_suffix(".tmp").replace(resolved)
 
+    needed: set[str] = set()  # stages the selected ones read from, transitively
+    frontier = list(only or [])
+    while frontier:
+        for upstream in UPSTREAM[frontier.pop()]:
+            if upstream in enabled and upstream not in needed:
+                needed.add(upstream)
+                frontier.append(upstream)
+
     outcome: dict[str, str] = {}
     for name in enabled:
         fp = prints[name]
@@ -188,7 +196,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
         done = previous is not None and previous.get("status") == "done"
         up_to_date = done and previous.get("fingerprint") == fp
         if only and name not in only:
-            if not up_to_date:
+            if name in needed and not up_to_date:
                 raise BadInput(
                     f"stage {name!r} is not up to date and --stage skips it; run it first "
                     f"(mlx-distill run RECIPE --stage {name})"

@@ -220,3 +220,14 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     assert set(results["models"]) == {"teacher"}
     ckpts = sorted(p.name for p in (run_dir / "checkpoints" / "teacher").iterdir())
     assert ckpts == ["step-000002", "step-000003"]
+
+
+def test_teach_then_train_run_their_stages_only(tmp_path):
+    sets = [a for s in SHRINK + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
+    taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    assert taught["stages"] == {"tokenizer": "ran", "teacher": "ran", "cache": "ran"}
+    assert not (tmp_path / "quickstart" / "student").exists()
+    trained = json.loads(run_cli("train", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    assert trained["stages"] == {"distill": "ran", "baseline": "ran"}
+    assert (tmp_path / "quickstart" / "student" / "model.safetensors").exists()
+    assert not (tmp_path / "quickstart" / "report.md").exists()

@@ -102,7 +102,14 @@ def stage_teacher(ctx: Context) -> dict:
     from mlx_distill.models import build_model, num_params, save_model
     from mlx_distill.train.trainer import train
 
-    model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
+    if recipe.teacher.init:  # continued training of an earlier teacher
+        from mlx_distill.models import load_model
+
+        model, init_tokenizer, config = load_model(recipe.teacher.init)
+        if vocab_hash(init_tokenizer) != vocab_hash(tokenizer):
+            raise BadInput(f"recipe key teacher.init: {recipe.teacher.init} has another tokenizer")
+    else:
+        model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
     examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
     loader = _loader(ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size)
     result = train(

@@ -150,6 +150,7 @@ class TeacherConfig:
 
     kind: str = "local"  # local | gemini
     path: str | None = None  # local: an mlx-lm folder; None: train `model` with `train`
+    init: str | None = None  # when training: start from this mlx-lm folder instead of `model`
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(hidden_size=256, num_layers=8, intermediate_size=704)
     )

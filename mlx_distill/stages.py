@@ -78,8 +78,8 @@ def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
     """Fingerprint of every stage, upstream first."""
     data_files = {k: _file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
     teacher_files = {}
-    if recipe.teacher.kind == "local" and recipe.teacher.path:
-        teacher_dir = Path(recipe.teacher.path)
+    if recipe.teacher.kind == "local" and (recipe.teacher.path or recipe.teacher.init):
+        teacher_dir = Path(recipe.teacher.path or recipe.teacher.init)
         for f in sorted(teacher_dir.glob("*.safetensors")) + [teacher_dir / "config.json"]:
             teacher_files[f.name] = _file_digest(str(f))
     prints: dict[str, str] = {}

@@ -221,6 +221,27 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints" / "teacher").iterdir())
     assert ckpts == ["step-000002", "step-000003"]
 
+    # Second phase (recipes/quickstart_teacher_more.yaml): continues from the first teacher.
+    more = [
+        f"runs_dir={tmp_path}",
+        "data.max_train=64",
+        f"tokenizer.path={teacher}",
+        f"teacher.init={teacher}",
+        "teacher.train.steps=1",
+        "teacher.train.lr=1e-12",
+        "teacher.train.batch_size=8",
+        "eval.num_examples=4",
+        "eval.max_new_tokens=8",
+    ]
+    args = [a for s in more for a in ("--set", s)]
+    run_cli("run", "recipes/quickstart_teacher_more.yaml", *args, "--no-progress")
+    import mlx.core as mx
+
+    first = mx.load(str(teacher / "model.safetensors"))
+    second = mx.load(str(tmp_path / "quickstart_teacher_more/teacher/model/model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(mx.allclose(first[k], second[k], atol=1e-6).item() for k in first)
+
 
 def test_teach_then_train_run_their_stages_only(tmp_path):
     sets = [a for s in SHRINK + [f"runs_dir={tmp_path}"] for a in ("--set", s)]

@@ -24,8 +24,10 @@ def _emit(obj: dict, as_json: bool) -> None:
 
 
 def _run(
-    recipe_path, overrides, stages, force, dry_run, retry_failed, as_json, progress, group=False
+    recipe_path, stages, group, *, overrides, force, dry_run, retry_failed, as_json, no_progress
 ):
+    """Shared by run/teach/train; `group`: run only those of `stages` this recipe has."""
+    progress = not no_progress
     from mlx_distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -78,45 +80,25 @@ def cli(ctx, debug):
 @click.argument("recipe", type=click.Path())
 @click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable).")
 @_run_options
-def run(recipe, stages, overrides, force, dry_run, retry_failed, as_json, no_progress):
+def run(recipe, stages, **options):
     """Run a recipe's stages in order, skipping those already up to date."""
-    _run(recipe, overrides, stages, force, dry_run, retry_failed, as_json, not no_progress)
+    _run(recipe, stages, False, **options)
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path())
 @_run_options
-def teach(recipe, overrides, force, dry_run, retry_failed, as_json, no_progress):
+def teach(recipe, **options):
     """Run the tokenizer, teacher and cache stages."""
-    _run(
-        recipe,
-        overrides,
-        TEACH_STAGES,
-        force,
-        dry_run,
-        retry_failed,
-        as_json,
-        not no_progress,
-        True,
-    )
+    _run(recipe, TEACH_STAGES, True, **options)
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path())
 @_run_options
-def train(recipe, overrides, force, dry_run, retry_failed, as_json, no_progress):
+def train(recipe, **options):
     """Run the distill and baseline stages (the teacher cache must be up to date)."""
-    _run(
-        recipe,
-        overrides,
-        TRAIN_STAGES,
-        force,
-        dry_run,
-        retry_failed,
-        as_json,
-        not no_progress,
-        True,
-    )
+    _run(recipe, TRAIN_STAGES, True, **options)
 
 
 @cli.command("eval")

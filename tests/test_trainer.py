@@ -51,6 +51,21 @@ class _Interrupting(Loader):
         return super().__next__()
 
 
+def _train(tmp_path, model, loader, cfg, loss_cfg, run, fingerprint="fp"):
+    """trainer.train with `run` naming both its metrics file and its checkpoint folder."""
+    return train(
+        model,
+        loader,
+        cfg,
+        loss_cfg,
+        run=run,
+        metrics_path=tmp_path / f"{run}.jsonl",
+        ckpt_dir=tmp_path / run,
+        fingerprint=fingerprint,
+        progress=False,
+    )
+
+
 def _weights(model):
     return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 
@@ -59,18 +74,8 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
     model = _model()
     cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=3, log_every=5)
     loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
-    result = train(
-        model,
-        loader,
-        cfg,
-        None,
-        run="baseline",
-        metrics_path=tmp_path / "m.jsonl",
-        ckpt_dir=tmp_path / "ckpt",
-        fingerprint="fp",
-        progress=False,
-    )
-    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    result = _train(tmp_path, model, loader, cfg, None, "baseline", "fp")
+    rows = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     assert result.steps == 30 and result.resumed_from == 0 and result.tokens > 0
@@ -82,43 +87,37 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
     examples = _examples()
 
     whole = _model()
-    train(
+    _train(
+        tmp_path,
         whole,
         Loader(examples, batch_size=4, seq_len=16, seed=1),
         cfg,
         loss_cfg,
-        run="a",
-        metrics_path=tmp_path / "a.jsonl",
-        ckpt_dir=tmp_path / "a",
-        fingerprint="fp",
-        progress=False,
+        "a",
+        "fp",
     )
 
     killed = _model()
     with pytest.raises(KeyboardInterrupt):
-        train(
+        _train(
+            tmp_path,
             killed,
             _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4),
             cfg,
             loss_cfg,
-            run="b",
-            metrics_path=tmp_path / "b.jsonl",
-            ckpt_dir=tmp_path / "b",
-            fingerprint="fp",
-            progress=False,
+            "b",
+            "fp",
         )
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-000002"]
     resumed = _model()
-    result = train(
+    result = _train(
+        tmp_path,
         resumed,
         Loader(examples, batch_size=4, seq_len=16, seed=1),
         cfg,
         loss_cfg,
-        run="b",
-        metrics_path=tmp_path / "b.jsonl",
-        ckpt_dir=tmp_path / "b",
-        fingerprint="fp",
-        progress=False,
+        "b",
+        "fp",
     )
     assert result.resumed_from == 2
     for key, value in _weights(whole).items():
@@ -129,26 +128,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
 
 def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, log_every=1)
-    train(
-        _model(),
-        Loader(_examples(), batch_size=4, seq_len=16),
-        cfg,
-        None,
-        run="r",
-        metrics_path=tmp_path / "m.jsonl",
-        ckpt_dir=tmp_path / "c",
-        fingerprint="one",
-        progress=False,
-    )
-    result = train(
-        _model(),
-        Loader(_examples(), batch_size=4, seq_len=16),
-        cfg,
-        None,
-        run="r",
-        metrics_path=tmp_path / "m.jsonl",
-        ckpt_dir=tmp_path / "c",
-        fingerprint="two",
-        progress=False,
+    _train(tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "one")
+    result = _train(
+        tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "two"
     )
     assert result.resumed_from == 0

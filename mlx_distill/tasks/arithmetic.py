@@ -92,15 +92,14 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
-def _add_steps(a: int, b: int, rng: random.Random) -> list[str]:
+def _add_steps(a: int, b: int) -> list[str]:
     da, db = _digits(a), _digits(b)
     lines, carry = [f"{a}+{b}:"], 0
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
         s = x + y + carry
         expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
-        carry_text = rng.choice(["carry 1", "keep 1"]) if s >= 10 else "carry 0"
-        lines.append(f"{expr}={s} write {s % 10} {carry_text}")
+        lines.append(f"{expr}={s} write {s % 10} carry {s // 10}")
         carry = s // 10
     if carry:
         lines.append("write 1")
@@ -108,7 +107,7 @@ def _add_steps(a: int, b: int, rng: random.Random) -> list[str]:
     return lines
 
 
-def _sub_steps(a: int, b: int, rng: random.Random) -> list[str]:
+def _sub_steps(a: int, b: int) -> list[str]:
     da, db = _digits(a), _digits(b)
     lines, borrow = [f"{a}-{b}:"], 0
     for i in range(len(da)):
@@ -116,22 +115,21 @@ def _sub_steps(a: int, b: int, rng: random.Random) -> list[str]:
         top = f"{x}-1" if borrow else f"{x}"
         x -= borrow
         if x < y:
-            take = rng.choice(["borrow 10", "take 10"])
-            lines.append(f"{top}<{y} {take}: {x + 10}-{y}={x + 10 - y}")
+            lines.append(f"{top}<{y} borrow 10: {x + 10}-{y}={x + 10 - y} write {x + 10 - y}")
             borrow = 1
         else:
-            lines.append(f"{top}-{y}={x - y}")
+            lines.append(f"{top}-{y}={x - y} write {x - y}")
             borrow = 0
     lines.append(f"so {a}-{b}={a - b}")
     return lines
 
 
-def _mul_steps(a: int, b: int, rng: random.Random) -> list[str]:
+def _mul_steps(a: int, b: int) -> list[str]:
     lines, carry = [f"{a}x{b}:"], 0
     for x in _digits(a):
         p = x * b + carry
-        expr = f"{x}x{b}" + (f"+{carry}" if carry else "")
-        lines.append(f"{expr}={p} write {p % 10} carry {p // 10}")
+        expr = f"{x}x{b}={x * b}" + (f" +{carry}={p}" if carry else "")
+        lines.append(f"{expr} write {p % 10} carry {p // 10}")
         carry = p // 10
     if carry:
         lines.append(f"write {carry}")
@@ -139,32 +137,40 @@ def _mul_steps(a: int, b: int, rng: random.Random) -> list[str]:
     return lines
 
 
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
 def make_problem(rng: random.Random) -> dict:
-    """One problem: {'prompt', 'completion', 'answer'}."""
+    """One problem: {'prompt', 'completion', 'answer'}.
+
+    Add and subtract mix 2- and 3-digit numbers (so difficulty is graded); multiply is
+    2-digit x 1-digit. Solutions are deterministic: one wording per step.
+    """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.choices(["add", "sub", "mul"], weights=[4, 4, 2])[0]
     fmt = {"name": name, "item": item}
     if kind == "mul":
         a, b = rng.randint(12, 99), rng.randint(2, 9)
         text = [rng.choice(MUL).format(a=a, b=b, **fmt), rng.choice(QUESTION_MUL).format(**fmt)]
-        steps, answer = _mul_steps(a, b, rng), a * b
+        steps, answer = _mul_steps(a, b), a * b
     elif kind == "add":
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = _number(rng, rng.choice([2, 3])), _number(rng, rng.choice([2, 3]))
         text = [
             rng.choice(START).format(a=a, **fmt),
             rng.choice(ADD).format(b=b, **fmt),
             rng.choice(QUESTION[:2]).format(**fmt),
         ]
-        steps, answer = _add_steps(a, b, rng), a + b
+        steps, answer = _add_steps(a, b), a + b
     else:
-        a = rng.randint(20, 999)
+        a = _number(rng, rng.choice([2, 3]))
         b = rng.randint(10, a)
         text = [
             rng.choice(START).format(a=a, **fmt),
             rng.choice(SUB).format(b=b, **fmt),
             rng.choice(QUESTION).format(**fmt),
         ]
-        steps, answer = _sub_steps(a, b, rng), a - b
+        steps, answer = _sub_steps(a, b), a - b
     completion = "\n".join(steps + [f"Answer: {answer}"])
     return {"prompt": " ".join(text), "completion": completion, "answer": str(answer)}
 

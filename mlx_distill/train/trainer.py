@@ -112,6 +112,7 @@ def train(
     fingerprint: str,
     seed: int = 0,
     progress: bool = True,
+    bar_position: int = 0,
 ) -> TrainResult:
     """Train `model` for cfg.steps batches from `loader`; resume from `ckpt_dir` if it matches.
 
@@ -161,7 +162,13 @@ def train(
     tokens_seen, window_tokens, window_t0 = 0, 0, t0
     loss_value = math.nan
     bar = tqdm(
-        total=cfg.steps, initial=start, desc=run, unit="step", disable=not progress, leave=True
+        total=cfg.steps,
+        initial=start,
+        desc=run,
+        unit="step",
+        disable=not progress,
+        leave=True,
+        position=bar_position,
     )
     batches = iter(loader)
     with metrics_path.open("a") as log:

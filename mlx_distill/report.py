@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from mlx_distill.stages import Context, read_stage
@@ -31,7 +32,7 @@ def evaluate_run(ctx: Context) -> dict:
     from tqdm import tqdm
 
     from mlx_distill import evaluate
-    from mlx_distill.models import load_model
+    from mlx_distill.models import load_model, num_params
     from mlx_distill.tasks import get_checker
     from mlx_distill.text.data import read_jsonl
     from mlx_distill.text.tokenizer import encode_example
@@ -47,6 +48,8 @@ def evaluate_run(ctx: Context) -> dict:
             for r in records
         ]
         row = {"perplexity": evaluate.perplexity(model, examples)}
+        if not role.startswith("student-q"):  # packed quantized weights would miscount
+            row["parameters"] = num_params(model)
         if check is not None and all("answer" in r for r in records):
             bar = tqdm(
                 total=len(records), desc=f"eval {role}", unit="problem", disable=not ctx.progress
@@ -62,6 +65,9 @@ def evaluate_run(ctx: Context) -> dict:
             )
             bar.close()
             row["exact_match"] = acc
+            row["solved"] = [
+                i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
+            ]
             row["sample"] = {"prompt": records[0]["prompt"], "output": outputs[0]}
         if role != "teacher" and "teacher" in loaded:
             row["top1_agreement"] = evaluate.top1_agreement(model, loaded["teacher"][0], examples)
@@ -70,7 +76,11 @@ def evaluate_run(ctx: Context) -> dict:
     out = ctx.stage_dir("eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    return {role: {k: v for k, v in row.items() if k != "sample"} for role, row in results.items()}
+    brief = {
+        role: {k: v for k, v in row.items() if k not in ("sample", "solved")}
+        for role, row in results.items()
+    }
+    return brief
 
 
 def _plot(metrics_path: Path, png: Path) -> bool:
@@ -107,6 +117,15 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     return True
 
 
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven | each side 1/2), n = a + b."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def write_report(ctx: Context) -> dict:
     """report.md + loss_curves.png in the run directory; the last lines say how to chat."""
     recipe, run_dir = ctx.recipe, ctx.run_dir
@@ -132,7 +151,8 @@ def write_report(ctx: Context) -> dict:
     for role, row in models.items():
         em = f"{row['exact_match']:.1%}" if "exact_match" in row else "n/a"
         agree = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
-        p = f"{params[role]:,}" if params.get(role) else "-"
+        count = params.get(role) or row.get("parameters")
+        p = f"{count:,}" if count else "-"
         lines.append(f"| {names[role]} | {p} | {em} | {row['perplexity']:.3f} | {agree} |")
     if "student" in models and "baseline" in models and "exact_match" in models["student"]:
         diff = models["student"]["exact_match"] - models["baseline"]["exact_match"]
@@ -144,6 +164,14 @@ def write_report(ctx: Context) -> dict:
             f"seed {recipe.seed}); loss `{recipe.loss.kind}`, kd_weight {recipe.loss.kd_weight}, "
             f"cache `{recipe.cache.targets}` k={recipe.cache.k}.",
         ]
+        if "solved" in models["student"] and "solved" in models["baseline"]:
+            kd, base = set(models["student"]["solved"]), set(models["baseline"]["solved"])
+            only_kd, only_base = len(kd - base), len(base - kd)
+            lines += [
+                f"Paired on the same problems: only the KD student solves {only_kd}, only the "
+                f"baseline {only_base} (two-sided sign test p = "
+                f"{sign_test(only_kd, only_base):.2g}).",
+            ]
     for role, row in models.items():
         if "sample" in row:
             lines += [

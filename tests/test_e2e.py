@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,11 +88,15 @@ def test_report_has_table_plot_and_chat_hint(quickstart):
     ):
         assert row in report
     assert "Seed 0" in report
+    assert re.search(r"^\| teacher \| [\d,]{7,} \| ", report, flags=re.M)  # its size is shown
+    assert re.search(r"only the KD student solves \d+, only the baseline \d+ \(two-sided", report)
     assert f"mlx-distill chat {run_dir / 'student'}" in report.splitlines()[-3]
     assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     for role in ("teacher", "student", "baseline", "student-q4"):
-        assert 0.0 <= results["models"][role]["exact_match"] <= 1.0
+        row = results["models"][role]
+        assert 0.0 <= row["exact_match"] <= 1.0
+        assert len(row["solved"]) == round(row["exact_match"] * results["num_examples"])
         assert results["models"][role]["perplexity"] > 1.0
 
 

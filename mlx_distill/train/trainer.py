@@ -139,12 +139,16 @@ def train(
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     if metrics_path.exists():
         # Keep other runs' lines and this run's lines up to the step it resumes from.
+        # Rewritten only when there is something to drop: another run may be appending to the
+        # same file from a side process (see stages._spawn_side).
+        lines = metrics_path.read_text().splitlines()
         kept = []
-        for line in metrics_path.read_text().splitlines():
+        for line in lines:
             record = json.loads(line)
             if record["run"] != run or record["step"] <= start:
                 kept.append(line)
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        if len(kept) < len(lines):
+            metrics_path.write_text("".join(line + "\n" for line in kept))
 
     state = [model.state, optimizer.state]
     grad_fn = nn.value_and_grad(model, loss_fn)

@@ -287,9 +287,8 @@ def _spawn_side(ctx: Context, name: str, force: bool) -> subprocess.Popen:
     cmd += ["--force"] if force else []
     cmd += [] if ctx.progress else ["--no-progress"]
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(_half_cores()[1]))
-    ctx.log(f"[{name}] running beside distill (second process, pid follows)")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    ctx.log(f"[{name}] pid {proc.pid}")
+    ctx.log(f"[{name}] running beside distill (second process, pid {proc.pid})")
     return proc
 
 
@@ -300,5 +299,4 @@ def _join_side(ctx: Context, proc: subprocess.Popen, name: str, fp: str) -> str:
     if code != 0 or info.get("status") != "done" or info.get("fingerprint") != fp:
         message = f"stage {name} failed in its side process (exit code {code}; error above)"
         raise (BadInput if code == 2 else RuntimeError)(message)
-    ctx.log(f"[{name}] done in {info.get('seconds', 0):.1f}s (side process)")
-    return "ran"
+    return "ran"  # the side process logged its own "done" line

@@ -207,7 +207,7 @@ def _student(ctx: Context, tokenizer):
         return model, config
     if s.init == "teacher_layers":
         teacher, _, config = load_model(_teacher_path(ctx))
-        return from_teacher_layers(teacher, config, s.layer_stride)
+        return from_teacher_layers(teacher, config, s.layer_stride, layers=s.layers)
     return build_model(s.model, len(tokenizer.get_vocab()))
 
 

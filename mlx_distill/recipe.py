@@ -176,7 +176,8 @@ class StudentConfig:
 
     init: str = "config"  # config | pretrained | teacher_layers
     path: str | None = None  # init=pretrained
-    layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer
+    layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer (and the last)
+    layers: list[int] | None = None  # init=teacher_layers: keep exactly these (overrides stride)
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -271,10 +272,28 @@ class Recipe:
             raise BadInput(f"recipe key loss.beta: must be in (0, 1), got {self.loss.beta}")
         if self.loss.temperature <= 0 or self.cache.temperature <= 0:
             raise BadInput("recipe keys loss.temperature and cache.temperature must be > 0")
+        distills_local_topk = (
+            self.teacher.kind == "local"
+            and self.cache.targets == "topk"
+            and "distill" in self.stages
+            and self.loss.kind != "ce"
+        )
+        if distills_local_topk and self.loss.temperature != self.cache.temperature:
+            # The cache holds the teacher's log-probs at cache.temperature and the loss reads them
+            # as already tempered; a top-k slice with a tail bucket cannot be re-tempered exactly.
+            raise BadInput(
+                f"recipe key loss.temperature: {self.loss.temperature} differs from "
+                f"cache.temperature {self.cache.temperature}; set both to the same value"
+            )
         if self.student.init == "pretrained" and not self.student.path:
             raise BadInput("recipe key student.path: required when student.init is 'pretrained'")
         if self.student.layer_stride < 1:
             raise BadInput("recipe key student.layer_stride: must be >= 1")
+        layers = self.student.layers
+        if layers is not None and (not layers or min(layers) < 0 or len(set(layers)) < len(layers)):
+            raise BadInput(
+                f"recipe key student.layers: expected distinct layer indices >= 0, got {layers}"
+            )
         if self.export.quantize_bits not in (None, 4, 8):
             raise BadInput("recipe key export.quantize_bits: must be 4, 8 or null")
         validate_gemini(self.teacher.gemini)

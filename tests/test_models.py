@@ -78,6 +78,15 @@ def test_student_from_every_second_teacher_layer(tokenizer_dir):
     clone, _ = from_teacher_layers(teacher, config, stride=1)
     tokens = mx.array([[1, 5, 9, 4]])
     assert mx.allclose(clone(tokens), teacher(tokens)).item()
+    # An explicit list overrides the stride: exactly those layers, in the teacher's order.
+    picked, picked_config = from_teacher_layers(teacher, config, stride=2, layers=[3, 1])
+    assert picked_config["num_hidden_layers"] == 2
+    for s_index, t_index in enumerate([1, 3]):
+        s = picked.model.layers[s_index].mlp.down_proj.weight
+        t = teacher.model.layers[t_index].mlp.down_proj.weight
+        assert mx.array_equal(s, t).item()
+    with pytest.raises(BadInput, match=r"student.layers \[0, 5\]: the teacher has layers 0..4"):
+        from_teacher_layers(teacher, config, stride=2, layers=[0, 5])
 
 
 def test_bad_model_folders(tmp_path):

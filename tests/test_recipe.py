@@ -88,3 +88,20 @@ def test_section_hash_tracks_only_its_sections():
     b = load_recipe(None, ["train.steps=7"])
     assert a.section_hash("cache") == b.section_hash("cache")
     assert a.section_hash("train") != b.section_hash("train")
+
+
+def test_loss_temperature_must_match_the_local_topk_cache():
+    with pytest.raises(BadInput, match=r"loss.temperature: 2.0 differs from cache.temperature 1.0"):
+        load_recipe(None, ["loss.temperature=2"])
+    recipe = load_recipe(None, ["loss.temperature=2", "cache.temperature=2"])
+    assert recipe.loss.temperature == recipe.cache.temperature == 2.0
+    # Nothing to match when the run does not distill from the cache.
+    assert load_recipe(None, ["loss.temperature=2", "stages=tokenizer,teacher,cache"])
+
+
+def test_student_layers_override():
+    recipe = load_recipe(None, ["student.init=teacher_layers", "student.layers=0,2"])
+    assert recipe.student.layers == [0, 2]
+    for bad in ("0,0", "-1,2"):
+        with pytest.raises(BadInput, match="student.layers: expected distinct layer indices"):
+            load_recipe(None, [f"student.layers={bad}"])

@@ -96,14 +96,22 @@ def lm_head_weight(model: nn.Module) -> mx.array:
     return embed.weight
 
 
-def from_teacher_layers(teacher: nn.Module, config: dict, stride: int) -> tuple[nn.Module, dict]:
-    """A student with every `stride`-th teacher layer (the first and the last always kept).
+def from_teacher_layers(
+    teacher: nn.Module, config: dict, stride: int, layers: list[int] | None = None
+) -> tuple[nn.Module, dict]:
+    """A student with every `stride`-th teacher layer (the first and the last always kept), or
+    with exactly the teacher layers listed in `layers`, in the teacher's order.
 
     Embeddings, final norm and head are copied too, so the student shares the teacher's
     tokenizer and starts from its representations (DistilBERT-style initialization).
     """
     n = config["num_hidden_layers"]
-    keep = sorted(set(range(0, n, stride)) | {n - 1})
+    if layers is not None:
+        if any(not 0 <= i < n for i in layers):
+            raise BadInput(f"student.layers {layers}: the teacher has layers 0..{n - 1}")
+        keep = sorted(set(layers))
+    else:
+        keep = sorted(set(range(0, n, stride)) | {n - 1})
     student_config = dict(config, num_hidden_layers=len(keep))
     student_config.pop("quantization", None)
     student = model_from_config(student_config)

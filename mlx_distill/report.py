@@ -162,7 +162,8 @@ def write_report(ctx: Context) -> dict:
             f"The KD student {verdict} the baseline ({diff * 100:+.1f} points of exact "
             f"match; same architecture, same {recipe.train.steps} steps, same data order, "
             f"seed {recipe.seed}); loss `{recipe.loss.kind}`, kd_weight {recipe.loss.kd_weight}, "
-            f"cache `{recipe.cache.targets}` k={recipe.cache.k}.",
+            f"temperature {recipe.loss.temperature}, cache `{recipe.cache.targets}` "
+            f"k={recipe.cache.k}.",
         ]
         if "solved" in models["student"] and "solved" in models["baseline"]:
             kd, base = set(models["student"]["solved"]), set(models["baseline"]["solved"])

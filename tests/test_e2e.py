@@ -90,6 +90,7 @@ def test_report_has_table_plot_and_chat_hint(quickstart):
     assert "Seed 0" in report
     assert re.search(r"^\| teacher \| [\d,]{7,} \| ", report, flags=re.M)  # its size is shown
     assert re.search(r"only the KD student solves \d+, only the baseline \d+ \(two-sided", report)
+    assert "loss `forward_kl`, kd_weight 0.5, temperature 2.0, cache `topk` k=16." in report
     assert f"mlx-distill chat {run_dir / 'student'}" in report.splitlines()[-3]
     assert (run_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "eval" / "results.json").read_text())

@@ -45,7 +45,8 @@ def _run(
     if dry_run:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    from mlx_distill.stages import Context, run_stages
+    from mlx_distill.context import Context
+    from mlx_distill.stages import run_stages
 
     if group:  # teach/train: the group's stages that this recipe has
         stages = [s for s in stages if s in recipe.stages]
@@ -135,9 +136,10 @@ def eval_(path, as_json, no_progress):
     """Re-evaluate a run directory (runs/NAME) and rewrite its report."""
     from pathlib import Path
 
+    from mlx_distill.context import Context
+    from mlx_distill.evaluate import evaluate_run
     from mlx_distill.recipe import load_recipe
-    from mlx_distill.report import evaluate_run, write_report
-    from mlx_distill.stages import Context
+    from mlx_distill.report import write_report
 
     resolved = Path(path) / "recipe.yaml"
     if not resolved.exists():

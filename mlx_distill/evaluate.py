@@ -1,5 +1,7 @@
 """Evaluation: held-out exact match, perplexity and teacher/student top-1 agreement.
 
+`evaluate_run` evaluates every model of a run directory (the eval stage, `mlx-distill eval`).
+
 Accuracy generates greedily (mlx-lm's batched generator) and checks the answer with the task's
 checker. Perplexity and agreement are teacher-forced on the reference completions, over the
 answer tokens only, and go through the hidden states and LM head in row chunks so they never
@@ -8,12 +10,15 @@ hold (tokens, V) logits for a whole batch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_distill.context import Context
 from mlx_distill.kernels import distill_loss
 from mlx_distill.kernels.loss import forward_only
 from mlx_distill.models import hidden_states, lm_head_weight
@@ -115,3 +120,76 @@ def exact_match(
     )
     correct = [check(text, r["answer"]) for text, r in zip(outputs, records)]
     return float(np.mean(correct)), outputs
+
+
+def run_models(ctx: Context) -> dict[str, Path]:
+    """The models this run has, by role: teacher, student (KD), baseline."""
+    found = {}
+    teacher_json = ctx.stage_dir("teacher") / "teacher.json"
+    if teacher_json.exists():
+        info = json.loads(teacher_json.read_text())
+        if info.get("kind") == "local":
+            found["teacher"] = Path(info["path"])
+    bits = ctx.recipe.export.quantize_bits
+    candidates = [("student", "student", "distill"), ("baseline", "baseline", "baseline")]
+    if bits:
+        candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
+    for role, folder, stage in candidates:
+        if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
+            found[role] = ctx.run_dir / folder
+    return found
+
+
+def evaluate_run(ctx: Context) -> dict:
+    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
+    from tqdm import tqdm
+
+    from mlx_distill.models import load_model, num_params
+    from mlx_distill.tasks import get_checker
+    from mlx_distill.text.data import read_jsonl
+    from mlx_distill.text.tokenizer import encode_example
+
+    recipe = ctx.recipe
+    records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
+    check = get_checker(recipe.data.task)
+    loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
+    results: dict[str, dict] = {}
+    for role, (model, tokenizer, _) in loaded.items():
+        examples = [
+            encode_example(tokenizer, r["prompt"], r["completion"], recipe.data.max_seq_len + 1)
+            for r in records
+        ]
+        row = {"perplexity": perplexity(model, examples)}
+        if not role.startswith("student-q"):  # packed quantized weights would miscount
+            row["parameters"] = num_params(model)
+        if check is not None and all("answer" in r for r in records):
+            bar = tqdm(
+                total=len(records), desc=f"eval {role}", unit="problem", disable=not ctx.progress
+            )
+            acc, outputs = exact_match(
+                model,
+                tokenizer,
+                records,
+                check,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                batch_size=recipe.eval.batch_size,
+                progress=bar,
+            )
+            bar.close()
+            row["exact_match"] = acc
+            row["solved"] = [
+                i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
+            ]
+            row["sample"] = {"prompt": records[0]["prompt"], "output": outputs[0]}
+        if role != "teacher" and "teacher" in loaded:
+            row["top1_agreement"] = top1_agreement(model, loaded["teacher"][0], examples)
+        results[role] = row
+    summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
+    out = ctx.stage_dir("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    brief = {
+        role: {k: v for k, v in row.items() if k not in ("sample", "solved")}
+        for role, row in results.items()
+    }
+    return brief

@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from mlx_distill.context import Context
 from mlx_distill.errors import BadInput
-from mlx_distill.stages import Context
 from mlx_distill.text.tokenizer import TOKENIZER_FILES
 
 
@@ -275,7 +275,7 @@ def stage_baseline(ctx: Context) -> dict:
 
 
 def stage_eval(ctx: Context) -> dict:
-    from mlx_distill.report import evaluate_run
+    from mlx_distill.evaluate import evaluate_run
 
     return evaluate_run(ctx)
 

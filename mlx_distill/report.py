@@ -1,4 +1,4 @@
-"""Run evaluation and report: accuracy, perplexity, agreement, loss curves (markdown + PNG)."""
+"""The run report: the evaluation's table, the paired sign test, loss curves (markdown + PNG)."""
 
 from __future__ import annotations
 
@@ -6,81 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from mlx_distill.stages import Context, read_stage
-
-
-def _models(ctx: Context) -> dict[str, Path]:
-    """The models this run has, by role: teacher, student (KD), baseline."""
-    found = {}
-    teacher_json = ctx.stage_dir("teacher") / "teacher.json"
-    if teacher_json.exists():
-        info = json.loads(teacher_json.read_text())
-        if info.get("kind") == "local":
-            found["teacher"] = Path(info["path"])
-    bits = ctx.recipe.export.quantize_bits
-    candidates = [("student", "student", "distill"), ("baseline", "baseline", "baseline")]
-    if bits:
-        candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
-    for role, folder, stage in candidates:
-        if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
-            found[role] = ctx.run_dir / folder
-    return found
-
-
-def evaluate_run(ctx: Context) -> dict:
-    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
-    from tqdm import tqdm
-
-    from mlx_distill import evaluate
-    from mlx_distill.models import load_model, num_params
-    from mlx_distill.tasks import get_checker
-    from mlx_distill.text.data import read_jsonl
-    from mlx_distill.text.tokenizer import encode_example
-
-    recipe = ctx.recipe
-    records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
-    check = get_checker(recipe.data.task)
-    loaded = {role: load_model(path) for role, path in _models(ctx).items()}
-    results: dict[str, dict] = {}
-    for role, (model, tokenizer, _) in loaded.items():
-        examples = [
-            encode_example(tokenizer, r["prompt"], r["completion"], recipe.data.max_seq_len + 1)
-            for r in records
-        ]
-        row = {"perplexity": evaluate.perplexity(model, examples)}
-        if not role.startswith("student-q"):  # packed quantized weights would miscount
-            row["parameters"] = num_params(model)
-        if check is not None and all("answer" in r for r in records):
-            bar = tqdm(
-                total=len(records), desc=f"eval {role}", unit="problem", disable=not ctx.progress
-            )
-            acc, outputs = evaluate.exact_match(
-                model,
-                tokenizer,
-                records,
-                check,
-                max_new_tokens=recipe.eval.max_new_tokens,
-                batch_size=recipe.eval.batch_size,
-                progress=bar,
-            )
-            bar.close()
-            row["exact_match"] = acc
-            row["solved"] = [
-                i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
-            ]
-            row["sample"] = {"prompt": records[0]["prompt"], "output": outputs[0]}
-        if role != "teacher" and "teacher" in loaded:
-            row["top1_agreement"] = evaluate.top1_agreement(model, loaded["teacher"][0], examples)
-        results[role] = row
-    summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
-    out = ctx.stage_dir("eval")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    brief = {
-        role: {k: v for k, v in row.items() if k not in ("sample", "solved")}
-        for role, row in results.items()
-    }
-    return brief
+from mlx_distill.context import Context, read_stage
+from mlx_distill.evaluate import run_models
 
 
 def _plot(metrics_path: Path, png: Path) -> bool:
@@ -187,9 +114,9 @@ def write_report(ctx: Context) -> dict:
     png = run_dir / "loss_curves.png"
     if _plot(run_dir / "metrics.jsonl", png):
         lines += ["", "![loss curves](loss_curves.png)"]
-    chat_target = "student" if "student" in models else next(iter(_models(ctx)), None)
+    chat_target = "student" if "student" in models else next(iter(run_models(ctx)), None)
     if chat_target is not None:
-        path = _models(ctx)[chat_target]
+        path = run_models(ctx)[chat_target]
         lines += [
             "",
             "## Next",

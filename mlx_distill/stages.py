@@ -17,11 +17,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_distill import __version__
+from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import STAGES, Recipe, fingerprint
 
@@ -62,22 +61,6 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class Context:
-    """What every stage function gets."""
-
-    recipe: Recipe
-    run_dir: Path
-    progress: bool = True
-    retry_failed: bool = False
-    jobs: int = 2  # >= 2: the baseline trains in a second process while the KD student trains
-    bar_position: int = 0  # terminal line of this process's progress bars
-    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
-
-    def stage_dir(self, name: str) -> Path:
-        return self.run_dir / name
-
-
 def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
     """Fingerprint of every stage, upstream first."""
     data_files = {k: _file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
@@ -100,16 +83,6 @@ def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
             payload["teacher_files"] = teacher_files
         prints[name] = fingerprint(payload)
     return prints
-
-
-def read_stage(ctx: Context, name: str) -> dict | None:
-    path = ctx.stage_dir(name) / "stage.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 def _write_stage(ctx: Context, name: str, info: dict) -> None:

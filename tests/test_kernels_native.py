@@ -90,9 +90,9 @@ def test_selfcheck_disables_a_kernel_that_fails_to_build(monkeypatch):
 
 
 def test_selfcheck_catches_small_errors():
-    ok, detail = selfcheck.compare(ShiftedRows())
+    ok, detail = selfcheck.compare(ShiftedRows(), distill_loss)
     assert not ok, detail
-    ok, detail = selfcheck.compare(CopyRows())
+    ok, detail = selfcheck.compare(CopyRows(), distill_loss)
     assert ok, detail
 
 
@@ -140,7 +140,7 @@ def test_one_body_for_both_backends():
 
 def _native_matches_portable(backend):
     rows = native.NativeRows(backend)
-    ok, detail = selfcheck.compare(rows)
+    ok, detail = selfcheck.compare(rows, distill_loss)
     assert ok, detail
     # and on a bigger vocabulary than one threadgroup covers, with an all-masked row
     s = mx.random.normal((5, 70001)) * 4

@@ -103,9 +103,9 @@ def test_student_init_is_seeded_by_the_recipe(tmp_path):
     """KD student and baseline are built by separate calls (maybe in separate processes):
     the recipe seed alone fixes their initial weights."""
 
+    from mlx_distill.context import Context
     from mlx_distill.pipeline import _student
     from mlx_distill.recipe import Recipe
-    from mlx_distill.stages import Context
 
     class Vocab:
         def get_vocab(self):

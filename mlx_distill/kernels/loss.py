@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.portable import Spec, fused_loss
+from mlx_distill.kernels.selfcheck import rows_for
 from mlx_distill.kernels.targets import DenseTargets, SparseTargets
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
@@ -123,6 +124,7 @@ def distill_loss(
     kd_weight: float = 1.0,
     mask: mx.array | None = None,
     chunk_size: int | None = None,
+    rows=None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Fused LM head + distillation loss; never materializes the (N, V) logits.
 
@@ -142,6 +144,8 @@ def distill_loss(
         mask: (...,) bool; the loss is the mean over unmasked tokens (0, with zero gradients,
             when every token is masked). Ids/labels of masked tokens are never read.
         chunk_size: tokens per chunk; None picks it from a memory budget (`choose_chunk`).
+        rows: the row pass (`rows.PortableRows` or a native one); None uses the one verified on
+            this machine (`selfcheck.rows_for`). The self-check passes each candidate here.
 
     Returns:
         (loss, metrics): scalar loss, and {"ce", "kd", "covered_mass"}: means over unmasked
@@ -207,9 +211,8 @@ def distill_loss(
         chunk=max(chunk, 1),
         grad_in_forward=_grad_in_forward.get(),
     )
-    from mlx_distill.kernels.selfcheck import rows_for
-
-    rows = rows_for(spec, cd)
+    if rows is None:
+        rows = rows_for(spec, cd, distill_loss)
     loss, ce, kd, cov = fused_loss(spec, rows, h2, weight, extras)
     metrics = {"ce": ce, "kd": kd, "covered_mass": cov}
     return loss, {k: mx.stop_gradient(v) for k, v in metrics.items()}

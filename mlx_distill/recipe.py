@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,16 +24,32 @@ from mlx_distill.errors import BadInput
 
 STAGES = ("tokenizer", "teacher", "cache", "distill", "baseline", "eval", "report")
 
+# Choice fields: each Literal is the one list behind the schema, its error messages and the docs
+# (`choices(Type)` reads it back; kernels and stages import these instead of repeating them).
+TeacherKind = Literal["local", "gemini"]
+CacheTargets = Literal["topk", "sample"]
+StudentInit = Literal["config", "pretrained", "teacher_layers"]
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "ce"]
+TailMode = Literal["bucket", "ignore"]
+SentencePieceType = Literal["bpe", "unigram"]
+DType = Literal["float32", "bfloat16", "float16"]
+ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal choice type."""
+    return typing.get_args(tp)
+
 
 @dataclass
 class DataConfig:
     """Where the examples come from. Files are JSONL: prompt/completion, messages or text."""
 
-    train: str = "data/quickstart/train.jsonl"
-    valid: str = "data/quickstart/valid.jsonl"
-    test: str = "data/quickstart/test.jsonl"
-    task: str | None = "arithmetic"  # answer checker in mlx_distill.tasks; None for free text
-    max_seq_len: int = 160
+    train: str | None = None  # required by every stage that trains or scores
+    valid: str | None = None  # validation loss every train.eval_every steps (and at the end)
+    test: str | None = None  # required by the eval stage
+    task: str | None = None  # answer checker in mlx_distill.tasks; None for free text
+    max_seq_len: int = 2048
     max_train: int | None = None  # use the first n training examples
 
 
@@ -42,15 +58,15 @@ class TokenizerConfig:
     """An existing tokenizer (`path`), or a SentencePiece model trained on data.train."""
 
     path: str | None = None
-    vocab_size: int = 384
-    model_type: str = "bpe"  # SentencePiece: bpe | unigram
+    vocab_size: int = 8000  # a trained SentencePiece model's size (tokenizer.path unset)
+    model_type: SentencePieceType = "bpe"  # SentencePiece model type
 
 
 @dataclass
 class ModelConfig:
     """An mlx-lm architecture built from scratch."""
 
-    arch: str = "llama"  # llama | qwen2
+    arch: ScratchArch = "llama"
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -65,17 +81,17 @@ class ModelConfig:
 class TrainConfig:
     """One training run: AdamW with linear warmup and cosine decay."""
 
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-5
     min_lr_ratio: float = 0.1
-    warmup: int = 30
+    warmup: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # validation loss on data.valid every n steps; 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
-    dtype: str = "float32"  # float32 | bfloat16 (bf16 matmul is slow on CPU)
+    dtype: DType = "float32"  # bf16 matmul is slow on CPU
 
 
 @dataclass
@@ -148,7 +164,7 @@ def validate_gemini(g: GeminiConfig) -> None:
 class TeacherConfig:
     """The teacher: a local mlx-lm folder, one the recipe trains, or Gemini."""
 
-    kind: str = "local"  # local | gemini
+    kind: TeacherKind = "local"
     path: str | None = None  # local: an mlx-lm folder; None: train `model` with `train`
     init: str | None = None  # when training: start from this mlx-lm folder instead of `model`
     model: ModelConfig = field(
@@ -162,7 +178,7 @@ class TeacherConfig:
 class CacheConfig:
     """Teacher targets on disk."""
 
-    targets: str = "topk"  # topk | sample
+    targets: CacheTargets = "topk"
     k: int = 16
     samples: int = 32  # draws per position for targets=sample
     temperature: float = 1.0
@@ -174,7 +190,7 @@ class CacheConfig:
 class StudentConfig:
     """The student: from `model` (config), an mlx-lm folder (pretrained) or the teacher's layers."""
 
-    init: str = "config"  # config | pretrained | teacher_layers
+    init: StudentInit = "config"
     path: str | None = None  # init=pretrained
     layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer (and the last)
     layers: list[int] | None = None  # init=teacher_layers: keep exactly these (overrides stride)
@@ -185,11 +201,11 @@ class StudentConfig:
 class LossConfig:
     """`mlx_distill.kernels.distill_loss` arguments for the distill stage."""
 
-    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | ce
+    kind: LossKind = "forward_kl"
     kd_weight: float = 0.5
     temperature: float = 1.0
     beta: float = 0.5
-    tail: str = "bucket"  # bucket | ignore
+    tail: TailMode = "bucket"
     chunk_size: int | None = None
 
 
@@ -203,7 +219,7 @@ class BaselineConfig:
 @dataclass
 class EvalConfig:
     num_examples: int = 200
-    max_new_tokens: int = 96
+    max_new_tokens: int = 256
     batch_size: int = 64
 
 
@@ -235,20 +251,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-field checks the types alone cannot express."""
-        choices = {
-            "teacher.kind": (self.teacher.kind, ("local", "gemini")),
-            "cache.targets": (self.cache.targets, ("topk", "sample")),
-            "student.init": (self.student.init, ("config", "pretrained", "teacher_layers")),
-            "loss.kind": (self.loss.kind, ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")),
-            "loss.tail": (self.loss.tail, ("bucket", "ignore")),
-            "tokenizer.model_type": (self.tokenizer.model_type, ("bpe", "unigram")),
-            "train.dtype": (self.train.dtype, ("float32", "bfloat16", "float16")),
-            "student.model.arch": (self.student.model.arch, ("llama", "qwen2")),
-            "teacher.model.arch": (self.teacher.model.arch, ("llama", "qwen2")),
-        }
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise BadInput(f"recipe key {key}: {value!r} is not one of {', '.join(allowed)}")
+        _check_choices(self)
         for stage in self.stages:
             if stage not in STAGES:
                 raise BadInput(
@@ -260,6 +263,7 @@ class Recipe:
             "cache.k": self.cache.k,
             "data.max_seq_len": self.data.max_seq_len,
             "tokenizer.vocab_size": self.tokenizer.vocab_size,
+            "train.log_every": self.train.log_every,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -310,6 +314,18 @@ class Recipe:
         return fingerprint({k: data[k] for k in keys})
 
 
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every Literal field holds one of its values (also for recipes built in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp, path = getattr(obj, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, path + ".")
+        elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            allowed = ", ".join(typing.get_args(tp))
+            raise BadInput(f"recipe key {path}: {value!r} is not one of {allowed}")
+
+
 def fingerprint(obj: Any) -> str:
     """sha256 of canonical JSON, shortened: stable across processes and dict order."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
@@ -324,6 +340,11 @@ def _closest(key: str, valid: typing.Iterable[str]) -> str:
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Coerce a YAML/CLI value to the annotated type; raise BadInput naming `path`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise BadInput(f"recipe key {path}: {value!r} is not one of {', '.join(allowed)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):

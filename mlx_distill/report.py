@@ -19,20 +19,30 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     if not metrics_path.exists():
         return False
     curves: dict[str, dict[str, list]] = {}
+    valid: dict[str, tuple[list, list]] = {}
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
+        if "valid_loss" in rec:  # validation records: data.valid every train.eval_every steps
+            steps, losses = valid.setdefault(rec["run"], ([], []))
+            steps.append(rec["step"])
+            losses.append(rec["valid_loss"])
+            continue
         c = curves.setdefault(rec["run"], {"step": [], "loss": [], "ce": []})
         c["step"].append(rec["step"])
         c["loss"].append(rec["loss"])
         c["ce"].append(rec.get("ce", rec["loss"]))
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if valid else 2, figsize=(16 if valid else 11, 4))
     for run, c in curves.items():
         axes[0].plot(c["step"], c["loss"], label=run)
         axes[1].plot(c["step"], c["ce"], label=run)
     axes[0].set_title("training loss (KD mix for distill, CE otherwise)")
     axes[1].set_title("cross-entropy on the reference answer tokens")
+    if valid:
+        for run, (steps, losses) in valid.items():
+            axes[2].plot(steps, losses, marker="o", label=run)
+        axes[2].set_title("validation cross-entropy (data.valid)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.set_yscale("log")

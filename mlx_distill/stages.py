@@ -50,7 +50,9 @@ OUTPUTS = {
 }
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: str | None) -> str:
+    if path is None:
+        return "unset"
     p = Path(path)
     if not p.is_file():
         return "missing"
@@ -118,8 +120,11 @@ def _preflight(recipe: Recipe, stages: list[str]) -> None:
     data = recipe.data
     needs = {"train": {"tokenizer", "teacher", "cache", "distill", "baseline"}, "test": {"eval"}}
     for split, users in needs.items():
-        path = Path(getattr(data, split))
         if users & set(stages):
+            if getattr(data, split) is None:
+                used_by = ", ".join(s for s in STAGES if s in users & set(stages))
+                raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
+            path = Path(getattr(data, split))
             if not path.is_file():
                 raise BadInput(f"recipe key data.{split}: data file not found: {path}")
             read_jsonl(path)  # a malformed line fails here, naming file and line

@@ -66,6 +66,11 @@ def test_training_logged_both_runs(quickstart):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_run = {r["run"] for r in records}
     assert by_run == {"distill", "baseline"}
+    valid = {r["run"]: r for r in records if "valid_loss" in r}
+    # data.valid is set and eval_every is 0: one validation loss per run, after its last step.
+    assert {run: r["step"] for run, r in valid.items()} == {"distill": 4, "baseline": 4}
+    assert all(0 < r["valid_loss"] < 20 for r in valid.values())
+    records = [r for r in records if "valid_loss" not in r]
     distill = [r for r in records if r["run"] == "distill"]
     assert [r["step"] for r in distill] == [2, 4]
     assert all(r["kd"] > 0 and 0 < r["covered_mass"] <= 1.0 + 1e-6 for r in distill)

@@ -105,3 +105,25 @@ def test_student_layers_override():
     for bad in ("0,0", "-1,2"):
         with pytest.raises(BadInput, match="student.layers: expected distinct layer indices"):
             load_recipe(None, [f"student.layers={bad}"])
+
+
+def test_choice_fields_come_from_one_list():
+    from mlx_distill.recipe import LossKind, choices
+
+    assert choices(LossKind) == ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
+    with pytest.raises(BadInput) as e:
+        load_recipe(None, ["loss.kind=kl"])
+    assert str(e.value).endswith(
+        "recipe key loss.kind: 'kl' is not one of forward_kl, reverse_kl, jsd, tvd, ce"
+    )
+    # A recipe built in Python is checked against the same list.
+    recipe = Recipe()
+    recipe.cache.targets = "dense"
+    with pytest.raises(BadInput, match="cache.targets: 'dense' is not one of topk, sample"):
+        recipe.validate()
+
+
+def test_defaults_are_not_the_quickstarts():
+    recipe = Recipe()
+    assert recipe.data.train is None and recipe.data.test is None and recipe.data.task is None
+    assert recipe.data.max_seq_len >= 1024 and recipe.tokenizer.vocab_size >= 4096

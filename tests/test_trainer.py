@@ -133,3 +133,42 @@ def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
         tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "two"
     )
     assert result.resumed_from == 0
+
+
+def test_validation_loss_every_eval_every_steps(tmp_path):
+    import math
+
+    from mlx_distill.evaluate import perplexity
+
+    valid = _examples(n=12, seed=5)
+    seen = []
+
+    def validate(model):
+        loss = math.log(perplexity(model, valid, batch_size=4))
+        seen.append(loss)
+        return loss
+
+    model = _model()
+    cfg = TrainConfig(steps=7, batch_size=8, lr=1e-2, warmup=2, log_every=5, eval_every=3)
+    loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
+    train(
+        model,
+        loader,
+        cfg,
+        None,
+        run="r",
+        metrics_path=tmp_path / "m.jsonl",
+        ckpt_dir=tmp_path / "ck",
+        fingerprint="fp",
+        progress=False,
+        validate=validate,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "valid_loss" in r]
+    assert [r["step"] for r in checks] == [3, 6, 7]  # every 3 steps, and after the last
+    assert [r["valid_loss"] for r in checks] == seen
+    # The last check saw the final weights: it equals a fresh evaluation of the trained model.
+    assert checks[-1]["valid_loss"] == pytest.approx(
+        math.log(perplexity(model, valid, batch_size=4)), rel=1e-6
+    )
+    assert seen[-1] < seen[0]

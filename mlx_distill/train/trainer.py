@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -113,11 +114,13 @@ def train(
     seed: int = 0,
     progress: bool = True,
     bar_position: int = 0,
+    validate: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.steps batches from `loader`; resume from `ckpt_dir` if it matches.
 
     Logs {"run", "step", "loss", "ce", "kd", "covered_mass", "lr", "tokens_per_s"} to
-    `metrics_path` every cfg.log_every steps.
+    `metrics_path` every cfg.log_every steps, and {"run", "step", "valid_loss"} from
+    `validate(model)` every cfg.eval_every steps and after the last step.
     """
     from tqdm import tqdm
 
@@ -201,6 +204,12 @@ def train(
                 log.flush()
                 window_tokens, window_t0 = 0, now
                 bar.set_postfix(loss=f"{loss_value:.3f}")
+            if validate is not None and (
+                (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
+            ):
+                valid = {"run": run, "step": it, "valid_loss": validate(model)}
+                log.write(json.dumps(valid) + "\n")
+                log.flush()
             if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == cfg.steps:
                 _save_checkpoint(ckpt_dir, it, model, optimizer, loader, fingerprint)
     bar.close()

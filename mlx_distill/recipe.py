@@ -32,7 +32,7 @@ StudentInit = Literal["config", "pretrained", "teacher_layers"]
 LossKind = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "ce"]
 TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
 
 
@@ -91,7 +91,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # validation loss on data.valid every n steps; 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
-    dtype: DType = "float32"  # bf16 matmul is slow on CPU
+    dtype: DType = "float32"  # bfloat16: bf16 compute, fp32 master weights (slow on CPU)
+    grad_accum: int = 1  # micro-batches per step (must divide batch_size); same update
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass
 
 
 @dataclass
@@ -268,6 +270,12 @@ class Recipe:
         for key, value in positive.items():
             if value <= 0:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
+        for key, t in (("train", self.train), ("teacher.train", self.teacher.train)):
+            if t.grad_accum < 1 or t.batch_size % t.grad_accum:
+                raise BadInput(
+                    f"recipe key {key}.grad_accum: {t.grad_accum} does not divide "
+                    f"{key}.batch_size {t.batch_size}"
+                )
         if not 0.0 <= self.loss.kd_weight <= 1.0:
             raise BadInput(
                 f"recipe key loss.kd_weight: must be in [0, 1], got {self.loss.kd_weight}"

@@ -1,9 +1,11 @@
 """The training loop shared by the teacher, the distilled student and the baseline.
 
-One compiled step: student hidden states -> `distill_loss` (KD against cached teacher targets
-mixed with CE, or CE alone for the baseline) -> AdamW. `mx.eval` runs once per step, outside the
-compiled function. Checkpoints hold the model, the optimizer state and the loader position, so a
-killed run resumes at the exact batch it stopped at.
+One step (`step.make_step`): student hidden states -> `distill_loss` (KD against cached teacher
+targets mixed with CE, or CE alone for the baseline) -> AdamW, optionally over `grad_accum`
+micro-batches, with fp32 master weights when `train.dtype` is not float32, and with every block
+checkpointed when `train.grad_checkpoint`. `mx.eval` runs once per step, outside the compiled
+function. Checkpoints hold the trainable weights (the fp32 masters when there are any), the
+optimizer state and the loader position, so a killed run resumes at the exact batch it stopped at.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,6 +26,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_distill.kernels import SparseTargets, distill_loss
 from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.recipe import LossConfig, TrainConfig
+from mlx_distill.train.recompute import checkpoint_blocks
+from mlx_distill.train.step import batch_arrays, make_master, make_step, master_to_model
 
 KEEP_CHECKPOINTS = 2
 
@@ -77,13 +80,20 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, loader, fingerprint: str) -> None:
+def _trained_weights(model, master) -> dict:
+    """What a checkpoint must hold to resume: the trainable weights (fp32 masters if any)."""
+    return dict(tree_flatten(master["params"] if master else model.trainable_parameters()))
+
+
+def _save_checkpoint(
+    ckpt_dir: Path, step: int, model, optimizer, loader, fingerprint: str, master=None
+) -> None:
     """Write checkpoints/step-NNNNNN atomically; keep the newest KEEP_CHECKPOINTS."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(tmp / "model.safetensors"), _trained_weights(model, master))
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
     state = {"step": step, "fingerprint": fingerprint, "loader": loader.state_dict()}
     (tmp / "state.json").write_text(json.dumps(state))
@@ -93,9 +103,14 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, loader, finger
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(ckpt: Path, model, optimizer, loader) -> int:
+def _restore(ckpt: Path, model, optimizer, loader, master=None) -> int:
     state = json.loads((ckpt / "state.json").read_text())
-    model.load_weights(str(ckpt / "model.safetensors"))
+    weights = mx.load(str(ckpt / "model.safetensors"))
+    if master is not None:
+        master["params"] = tree_unflatten(list(weights.items()))
+        master_to_model(model, master)
+    else:  # frozen (adapter-base) weights are not in the checkpoint: they never change
+        model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
     loader.load_state_dict(state["loader"])
     return int(state["step"])
@@ -126,10 +141,11 @@ def train(
 
     mx.random.seed(seed)
     dtype = getattr(mx, cfg.dtype)
-    if dtype != mx.float32:
-        model.set_dtype(dtype)
+    model.set_dtype(dtype)  # a bf16 checkpoint trains in fp32 when the recipe says float32
+    # Below fp32 the model computes in `dtype`; AdamW updates fp32 master weights.
+    master = make_master(model) if dtype != mx.float32 else None
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
-    optimizer.init(model.trainable_parameters())
+    optimizer.init(master["params"] if master else model.trainable_parameters())
     loss_fn = make_loss(loss_cfg)
 
     start = 0
@@ -137,7 +153,7 @@ def train(
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("fingerprint") == fingerprint:
-            start = _restore(ckpt, model, optimizer, loader)
+            start = _restore(ckpt, model, optimizer, loader, master)
         else:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     if metrics_path.exists():
@@ -153,17 +169,9 @@ def train(
         if len(kept) < len(lines):
             metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    state = [model.state, optimizer.state]
-    grad_fn = nn.value_and_grad(model, loss_fn)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, labels, mask, ids, logprobs):
-        (loss, metrics), grads = grad_fn(model, tokens, labels, mask, ids, logprobs)
-        if cfg.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.update(model, grads)
-        return loss, metrics
-
+    state = [model.state, optimizer.state] + ([master] if master else [])
+    step = make_step(model, optimizer, loss_fn, cfg, master)
+    restore = checkpoint_blocks(model) if cfg.grad_checkpoint else None
     model.train()
     t0 = time.perf_counter()
     tokens_seen, window_tokens, window_t0 = 0, 0, t0
@@ -178,40 +186,42 @@ def train(
         position=bar_position,
     )
     batches = iter(loader)
-    with metrics_path.open("a") as log:
-        for it in range(start + 1, cfg.steps + 1):
-            batch = next(batches)
-            ids = batch.targets.ids if batch.targets is not None else None
-            logprobs = batch.targets.logprobs if batch.targets is not None else None
-            loss, metrics = step(batch.tokens, batch.labels, batch.mask, ids, logprobs)
-            mx.eval(loss, metrics, state)
-            n = int(batch.mask.sum().item())
-            tokens_seen += n
-            window_tokens += n
-            bar.update(1)
-            if it % cfg.log_every == 0 or it == cfg.steps:
-                now = time.perf_counter()
-                loss_value = loss.item()
-                record = {
-                    "run": run,
-                    "step": it,
-                    "loss": loss_value,
-                    **{k: float(v.item()) for k, v in metrics.items()},
-                    "lr": float(optimizer.learning_rate.item()),
-                    "tokens_per_s": window_tokens / max(now - window_t0, 1e-9),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                window_tokens, window_t0 = 0, now
-                bar.set_postfix(loss=f"{loss_value:.3f}")
-            if validate is not None and (
-                (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
-            ):
-                valid = {"run": run, "step": it, "valid_loss": validate(model)}
-                log.write(json.dumps(valid) + "\n")
-                log.flush()
-            if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == cfg.steps:
-                _save_checkpoint(ckpt_dir, it, model, optimizer, loader, fingerprint)
+    try:
+        with metrics_path.open("a") as log:
+            for it in range(start + 1, cfg.steps + 1):
+                batch = next(batches)
+                loss, metrics = step(batch_arrays(batch))
+                mx.eval(loss, metrics, state)
+                n = int(batch.mask.sum().item())
+                tokens_seen += n
+                window_tokens += n
+                bar.update(1)
+                if it % cfg.log_every == 0 or it == cfg.steps:
+                    now = time.perf_counter()
+                    loss_value = loss.item()
+                    record = {
+                        "run": run,
+                        "step": it,
+                        "loss": loss_value,
+                        **{k: float(v.item()) for k, v in metrics.items()},
+                        "lr": float(optimizer.learning_rate.item()),
+                        "tokens_per_s": window_tokens / max(now - window_t0, 1e-9),
+                    }
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    window_tokens, window_t0 = 0, now
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                if validate is not None and (
+                    (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
+                ):
+                    valid = {"run": run, "step": it, "valid_loss": validate(model)}
+                    log.write(json.dumps(valid) + "\n")
+                    log.flush()
+                if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == cfg.steps:
+                    _save_checkpoint(ckpt_dir, it, model, optimizer, loader, fingerprint, master)
+    finally:
+        if restore is not None:
+            restore()
     bar.close()
     model.eval()
     return TrainResult(cfg.steps, time.perf_counter() - t0, tokens_seen, loss_value, start)

@@ -122,11 +122,11 @@ def test_killed_run_resumes_exactly(tmp_path, options):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.grad_accum=3", "train.grad_accum: 3 does not divide train.batch_size 32"),
+        ("train.grad_accum=3", "train.grad_accum: 3 does not divide train.batch_size 8"),
         ("train.grad_accum=0", "train.grad_accum: 0 does not divide"),
         ("train.dtype=float16", "train.dtype: 'float16' is not one of float32, bfloat16"),
     ],
 )
 def test_bad_memory_options(override, message):
     with pytest.raises(BadInput, match=message):
-        load_recipe(None, [override])
+        load_recipe(None, ["train.batch_size=8", override])

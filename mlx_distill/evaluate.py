@@ -26,6 +26,7 @@ from mlx_distill.text.examples import TokenizedExample
 from mlx_distill.text.tokenizer import prompt_text
 
 ROW_CHUNK = 1024
+SAMPLES = 3  # test prompts whose generations every report shows, for every model
 
 
 def _batches(examples: Sequence[TokenizedExample], batch_size: int):
@@ -122,6 +123,36 @@ def exact_match(
     return float(np.mean(correct)), outputs
 
 
+def generate_samples(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
+) -> list[dict]:
+    """Greedy completions as a person should see them: special tokens kept in the text.
+
+    Returns one {"prompt", "output", "stopped", "new_tokens"} per prompt; `stopped` is True when
+    the model emitted one of the tokenizer's end tokens, False when max_new_tokens cut it.
+    """
+    from mlx_lm.generate import generate_step
+
+    stop = set(tokenizer.eos_token_ids)
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt_text(tokenizer, prompt), add_special_tokens=False)
+        new: list[int] = []
+        for token, _ in generate_step(mx.array(ids), model, max_tokens=max_new_tokens):
+            new.append(int(token))
+            if new[-1] in stop:
+                break
+        samples.append(
+            {
+                "prompt": prompt,
+                "output": tokenizer.decode(new, skip_special_tokens=False),
+                "stopped": bool(new) and new[-1] in stop,
+                "new_tokens": len(new),
+            }
+        )
+    return samples
+
+
 def run_models(ctx: Context) -> dict[str, Path]:
     """The models this run has, by role: teacher, student (KD), baseline."""
     found = {}
@@ -180,7 +211,13 @@ def evaluate_run(ctx: Context) -> dict:
             row["solved"] = [
                 i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
             ]
-            row["sample"] = {"prompt": records[0]["prompt"], "output": outputs[0]}
+        # Free-text runs too: the report shows what each model writes, special tokens included.
+        row["samples"] = generate_samples(
+            model,
+            tokenizer,
+            [r["prompt"] for r in records[:SAMPLES]],
+            max_new_tokens=recipe.eval.max_new_tokens,
+        )
         if role != "teacher" and "teacher" in loaded:
             row["top1_agreement"] = top1_agreement(model, loaded["teacher"][0], examples)
         results[role] = row
@@ -189,7 +226,7 @@ def evaluate_run(ctx: Context) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     brief = {
-        role: {k: v for k, v in row.items() if k not in ("sample", "solved")}
+        role: {k: v for k, v in row.items() if k not in ("samples", "solved")}
         for role, row in results.items()
     }
     return brief

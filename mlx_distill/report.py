@@ -110,17 +110,7 @@ def write_report(ctx: Context) -> dict:
                 f"baseline {only_base} (two-sided sign test p = "
                 f"{sign_test(only_kd, only_base):.2g}).",
             ]
-    for role, row in models.items():
-        if "sample" in row:
-            lines += [
-                "",
-                f"Sample from the {names[role]}:",
-                "",
-                "```",
-                row["sample"]["prompt"],
-                row["sample"]["output"].strip(),
-                "```",
-            ]
+    lines += _samples_section(models, names, recipe.eval.max_new_tokens)
     png = run_dir / "loss_curves.png"
     if _plot(run_dir / "metrics.jsonl", png):
         lines += ["", "![loss curves](loss_curves.png)"]
@@ -142,8 +132,28 @@ def write_report(ctx: Context) -> dict:
     return {"report": str(run_dir / "report.md")}
 
 
+def _samples_section(models: dict, names: dict, max_new_tokens: int) -> list[str]:
+    """Each sampled test prompt, then every model's greedy answer (special tokens visible)."""
+    with_samples = {role: row["samples"] for role, row in models.items() if row.get("samples")}
+    if not with_samples:
+        return []
+    lines = ["", "## Samples", ""]
+    for i, first in enumerate(next(iter(with_samples.values()))):
+        lines += [f"**Prompt {i + 1}:**", "", "```", first["prompt"], "```", ""]
+        for role, samples in with_samples.items():
+            sample = samples[i]
+            end = (
+                "stopped at its end token"
+                if sample["stopped"]
+                else f"cut at max_new_tokens={max_new_tokens}"
+            )
+            lines += [f"{names[role]} ({sample['new_tokens']} tokens, {end}):", "", "```"]
+            lines += [sample["output"], "```", ""]
+    return lines
+
+
 def _sample_prompt(results: dict) -> str:
     for row in results["models"].values():
-        if "sample" in row:
-            return row["sample"]["prompt"].replace('"', "'")
+        if row.get("samples"):
+            return row["samples"][0]["prompt"].replace('"', "'")
     return "Hello"

@@ -104,6 +104,14 @@ def test_report_has_table_plot_and_chat_hint(quickstart):
         assert 0.0 <= row["exact_match"] <= 1.0
         assert len(row["solved"]) == round(row["exact_match"] * results["num_examples"])
         assert results["models"][role]["perplexity"] > 1.0
+        assert len(row["samples"]) == 3 and all(
+            isinstance(x["stopped"], bool) for x in row["samples"]
+        )
+    # eval.max_new_tokens=12 cuts the teacher's worked solutions short, and the report says so.
+    assert all(
+        not x["stopped"] and x["new_tokens"] == 12 for x in results["models"]["teacher"]["samples"]
+    )
+    assert "## Samples" in report and "teacher (12 tokens, cut at max_new_tokens=12)" in report
 
 
 def test_student_loads_with_mlx_lm_and_matches(quickstart):
@@ -291,3 +299,25 @@ def test_teach_then_train_run_their_stages_only(tmp_path):
     assert trained["stages"] == {"distill": "ran", "baseline": "ran"}
     assert (tmp_path / "quickstart" / "student" / "model.safetensors").exists()
     assert not (tmp_path / "quickstart" / "report.md").exists()
+
+
+def test_samples_are_greedy_and_say_when_they_were_cut():
+    import mlx.core as mx
+
+    from mlx_distill.evaluate import generate_samples
+    from mlx_distill.models import load_model
+    from mlx_distill.text.tokenizer import prompt_text
+
+    model, tokenizer, _ = load_model(ROOT / "data" / "quickstart" / "teacher")
+    prompt = "Ana has 347 apples. Ana buys 285 more. How many apples now?"
+    (whole,) = generate_samples(model, tokenizer, [prompt], max_new_tokens=200)
+    assert whole["stopped"] and whole["output"].endswith(tokenizer.eos_token)
+    assert "Answer: 632" in whole["output"]
+    (cut,) = generate_samples(model, tokenizer, [prompt], max_new_tokens=3)
+    assert not cut["stopped"] and cut["new_tokens"] == 3
+    # Greedy: each new token is the argmax of the model's own logits on the text so far.
+    ids = tokenizer.encode(prompt_text(tokenizer, prompt), add_special_tokens=False)
+    for _ in range(3):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+    assert whole["output"].startswith(cut["output"])
+    assert tokenizer.decode(ids[-3:], skip_special_tokens=False) == cut["output"]

@@ -21,7 +21,7 @@ import numpy as np
 from mlx_distill.context import Context
 from mlx_distill.kernels import distill_loss
 from mlx_distill.kernels.loss import forward_only
-from mlx_distill.models import hidden_states, lm_head_weight
+from mlx_distill.models import Head, hidden_states, lm_head
 from mlx_distill.text.examples import TokenizedExample
 from mlx_distill.text.tokenizer import prompt_text
 
@@ -46,25 +46,31 @@ def _batches(examples: Sequence[TokenizedExample], batch_size: int):
 def perplexity(model, examples: Sequence[TokenizedExample], batch_size: int = 32) -> float:
     """exp(mean cross-entropy) over the answer tokens."""
     total, count = 0.0, 0
-    weight = lm_head_weight(model)
+    head = lm_head(model)
     with forward_only():
         for tokens, labels, mask in _batches(examples, batch_size):
             n = int(mask.sum().item())
             if n == 0:
                 continue
             loss, _ = distill_loss(
-                hidden_states(model, tokens), weight, None, kind="ce", labels=labels, mask=mask
+                hidden_states(model, tokens),
+                head.weight,
+                None,
+                kind="ce",
+                labels=labels,
+                mask=mask,
+                transform=head.transform,
             )
             total += loss.item() * n
             count += n
     return math.exp(total / max(count, 1))
 
 
-def _argmax_rows(hidden: mx.array, weight: mx.array) -> mx.array:
-    """argmax over the vocabulary of hidden @ weight.T, in row chunks."""
+def _argmax_rows(hidden: mx.array, head: Head) -> mx.array:
+    """argmax over the vocabulary of the head's logits, in row chunks."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = [
-        mx.argmax(flat[i : i + ROW_CHUNK] @ weight.T, axis=-1)
+        mx.argmax(head.logits(flat[i : i + ROW_CHUNK]), axis=-1)
         for i in range(0, flat.shape[0], ROW_CHUNK)
     ]
     return mx.concatenate(out).reshape(hidden.shape[:-1])
@@ -75,7 +81,7 @@ def top1_agreement(
 ) -> float:
     """Fraction of answer positions where student and teacher predict the same next token."""
     agree, count = 0, 0
-    ws, wt = lm_head_weight(student), lm_head_weight(teacher)
+    ws, wt = lm_head(student), lm_head(teacher)
     for tokens, _, mask in _batches(examples, batch_size):
         s = _argmax_rows(hidden_states(student, tokens), ws)
         t = _argmax_rows(hidden_states(teacher, tokens), wt)

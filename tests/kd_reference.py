@@ -119,8 +119,13 @@ def reference(
     mask=None,
     grads=True,
     eps=1e-5,
+    transform=None,
 ):
-    """Float64 loss, metrics and (dh, dW).
+    """Float64 loss, metrics and (dh, dW) [and dbias, with a transform].
+
+    transform: None, or {"scale", "softcap", "bias" (V,), "masked" (ids)}: logits
+    z = softcap(scale * h W^T + bias) with the masked ids at -inf; then (dh, dW, dbias) by the
+    chain rule from the finite-difference dz.
 
     h (N, d), W (V, d); targets None, ("sparse", ids (N, k), logprobs (N, k)) or
     ("dense", logits (N, V)); labels (N,) or None; mask (N,) bool or None.
@@ -129,6 +134,16 @@ def reference(
     h = np.asarray(h, np.float64)
     W = np.asarray(W, np.float64)
     z = h @ W.T
+    if transform is not None:
+        pre = transform.get("scale", 1.0) * z
+        if transform.get("bias") is not None:
+            pre = pre + np.asarray(transform["bias"], np.float64)
+        c = transform.get("softcap")
+        z = c * np.tanh(pre / c) if c else pre
+        dpre = (1 - np.tanh(pre / c) ** 2) if c else np.ones_like(z)
+        masked = list(transform.get("masked", ()))
+        z[:, masked] = -np.inf
+        dpre[:, masked] = 0.0
     N, V = z.shape
     keep = np.ones(N, bool) if mask is None else np.asarray(mask, bool)
     count = max(int(keep.sum()), 1)
@@ -152,4 +167,9 @@ def reference(
             minus = f(z[r][None] - E)[0]
             dz[r] = (plus - minus) / (2 * eps) / count
     metrics = {"ce": ce_m, "kd": kd_m, "covered_mass": cov}
-    return loss, metrics, dz @ W, dz.T @ h
+    if transform is None:
+        return loss, metrics, dz @ W, dz.T @ h
+    dz = np.nan_to_num(dz * dpre)  # a masked logit is a constant: no gradient through it
+    dpre_sum = dz.sum(axis=0)
+    draw = dz * transform.get("scale", 1.0)
+    return loss, metrics, draw @ W, draw.T @ h, dpre_sum

@@ -5,6 +5,19 @@ See `loss.distill_loss` for the contract, `portable.py` for the math, `NOTES.md`
 
 from mlx_distill.kernels.loss import distill_loss, forward_only
 from mlx_distill.kernels.selfcheck import kernel_status
-from mlx_distill.kernels.targets import DenseTargets, SparseTargets
+from mlx_distill.kernels.targets import (
+    DenseTargets,
+    LogitTransform,
+    QuantizedWeight,
+    SparseTargets,
+)
 
-__all__ = ["DenseTargets", "SparseTargets", "distill_loss", "forward_only", "kernel_status"]
+__all__ = [
+    "DenseTargets",
+    "LogitTransform",
+    "QuantizedWeight",
+    "SparseTargets",
+    "distill_loss",
+    "forward_only",
+    "kernel_status",
+]

@@ -11,7 +11,12 @@ import mlx.core as mx
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.portable import Spec, fused_loss
 from mlx_distill.kernels.selfcheck import rows_for
-from mlx_distill.kernels.targets import DenseTargets, SparseTargets
+from mlx_distill.kernels.targets import (
+    DenseTargets,
+    LogitTransform,
+    QuantizedWeight,
+    SparseTargets,
+)
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
 TAILS = ("bucket", "ignore")
@@ -37,12 +42,15 @@ def forward_only():
         _grad_in_forward.reset(token)
 
 
-def choose_chunk(n_rows: int, vocab: int, itemsize: int, dense: bool, extra_exp: bool) -> int:
+def choose_chunk(
+    n_rows: int, vocab: int, itemsize: int, dense: bool, extra_exp: bool, transformed: bool = False
+) -> int:
     """Rows per chunk so that the chunk's (rows, V) temporaries fit `CHUNK_BUDGET`."""
     on_gpu = mx.default_device() == mx.gpu
     budget = CHUNK_BUDGET["gpu" if on_gpu else "cpu"]
-    # Measured: ~2.5 (n, V) buffers live per sparse chunk (+1 for CE at T != 1, ~6 for dense).
-    arrays = (7 if dense else 4) + (1 if extra_exp else 0)
+    # Measured: ~2.5 (n, V) buffers live per sparse chunk (+1 for CE at T != 1, ~6 for dense);
+    # a head transform keeps the raw logits' tanh and their gradient besides (+2).
+    arrays = (7 if dense else 4) + (1 if extra_exp else 0) + (2 if transformed else 0)
     rows = budget // (arrays * vocab * itemsize)
     # Never below MIN_ROWS: thinner chunks make the matmuls slow (at V = 152k that is ~0.4 GB).
     rows = max(MIN_ROWS, rows - rows % 8)
@@ -57,12 +65,34 @@ def _is_int(a: mx.array) -> bool:
     return mx.issubdtype(a.dtype, mx.integer)
 
 
+def _check_head(weight, transform, d: int) -> None:
+    if isinstance(weight, QuantizedWeight):
+        if weight.shape[1] != d or weight.scales.shape[0] != weight.shape[0]:
+            _fail(f"quantized weight must be (V, d={d}), got {weight.shape}")
+    elif not isinstance(weight, mx.array) or weight.ndim != 2 or weight.shape[1] != d:
+        _fail(f"weight must be (V, d={d}), got {getattr(weight, 'shape', None)}")
+    elif not mx.issubdtype(weight.dtype, mx.floating):
+        _fail("hidden and weight must be floating point")
+    if transform is None:
+        return
+    if not isinstance(transform, LogitTransform):
+        _fail(f"transform must be a LogitTransform or None, got {type(transform).__name__}")
+    V = weight.shape[0]
+    if not (math.isfinite(transform.scale) and transform.scale > 0):
+        _fail(f"transform scale must be a positive number, got {transform.scale!r}")
+    c = transform.softcap
+    if c is not None and not (isinstance(c, int | float) and math.isfinite(c) and c > 0):
+        _fail(f"transform softcap must be a positive number or None, got {c!r}")
+    if transform.bias is not None and tuple(transform.bias.shape) != (V,):
+        _fail(f"transform bias must be ({V},), got {transform.bias.shape}")
+    if any(not 0 <= i < V for i in transform.masked_ids):
+        _fail(f"transform masked_ids must lie in 0..{V - 1}")
+
+
 def _check_args(hidden, weight, targets, kind, beta, temperature, tail, labels, kd_weight, mask):
     if not isinstance(hidden, mx.array) or hidden.ndim not in (2, 3):
         _fail(f"hidden must be (N, d) or (B, L, d), got shape {getattr(hidden, 'shape', None)}")
-    if not isinstance(weight, mx.array) or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        _fail(f"weight must be (V, d={hidden.shape[-1]}), got {getattr(weight, 'shape', None)}")
-    if not mx.issubdtype(hidden.dtype, mx.floating) or not mx.issubdtype(weight.dtype, mx.floating):
+    if not mx.issubdtype(hidden.dtype, mx.floating):
         _fail("hidden and weight must be floating point")
     lead = tuple(hidden.shape[:-1])
     V = weight.shape[0]
@@ -113,7 +143,7 @@ def _check_args(hidden, weight, targets, kind, beta, temperature, tail, labels, 
 
 def distill_loss(
     hidden: mx.array,
-    weight: mx.array,
+    weight: mx.array | QuantizedWeight,
     targets: SparseTargets | DenseTargets | None,
     *,
     kind: str = "forward_kl",
@@ -125,12 +155,14 @@ def distill_loss(
     mask: mx.array | None = None,
     chunk_size: int | None = None,
     rows=None,
+    transform: LogitTransform | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Fused LM head + distillation loss; never materializes the (N, V) logits.
 
     Args:
         hidden: (N, d) or (B, L, d) student hidden states. weight: (V, d) LM-head (or tied
-            embedding) weight. Logits `z = hidden @ weight.T` are computed in fp32.
+            embedding) weight, or a `QuantizedWeight` (multiplied quantized, never dequantized
+            whole; it gets no gradient). Logits `z = hidden @ weight.T` are computed in fp32.
         targets: SparseTargets(ids, logprobs) of shape (..., k) (log-probs already at
             `temperature`; -inf marks an empty slot; duplicate ids are merged), DenseTargets(logits)
             of shape (..., V), or None with kind="ce".
@@ -146,6 +178,9 @@ def distill_loss(
         chunk_size: tokens per chunk; None picks it from a memory budget (`choose_chunk`).
         rows: the row pass (`rows.PortableRows` or a native one); None uses the one verified on
             this machine (`selfcheck.rows_for`). The self-check passes each candidate here.
+        transform: the architecture's logits transform (`LogitTransform`: scale, final softcap,
+            bias, ids forced to -inf), applied to `z` inside each chunk with its gradient.
+            `models.lm_head(model)` gives weight and transform for a loaded mlx-lm model.
 
     Returns:
         (loss, metrics): scalar loss, and {"ce", "kd", "covered_mass"}: means over unmasked
@@ -153,12 +188,18 @@ def distill_loss(
         and the teacher mass on the sparse ids (1 for dense targets, 0 without targets).
         Metrics carry no gradient.
 
-    Gradients flow to `hidden` and `weight` only, through a hand-written VJP (first order; no
-    jvp/vmap). Works under `mx.value_and_grad` and inside `mx.compile` (tested). By default
-    gradients are formed during the forward pass (fastest for training); wrap evaluation-only
-    calls in `forward_only()` to skip that work. Peak extra memory is O(chunk x V).
+    Gradients flow to `hidden`, `weight` and the transform's bias only, through a hand-written
+    VJP (first order; no jvp/vmap). Works under `mx.value_and_grad` and inside `mx.compile`
+    (tested). By default gradients are formed during the forward pass (fastest for training);
+    wrap evaluation-only calls in `forward_only()` to skip that work. Peak extra memory is
+    O(chunk x V).
     """
+    if isinstance(hidden, mx.array) and hidden.ndim in (2, 3):
+        _check_head(weight, transform, hidden.shape[-1])
     _check_args(hidden, weight, targets, kind, beta, temperature, tail, labels, kd_weight, mask)
+    if transform is not None and transform.is_identity:
+        transform = None
+    quantized = isinstance(weight, QuantizedWeight)
     d = hidden.shape[-1]
     V = weight.shape[0]
     h2 = hidden.reshape(-1, d)
@@ -171,7 +212,8 @@ def distill_loss(
         keep = mx.ones((N,), dtype=mx.bool_)
     else:
         keep = mask.reshape(N).astype(mx.bool_)
-    cd = mx.float64 if (hidden.dtype == mx.float64 and weight.dtype == mx.float64) else mx.float32
+    f64 = not quantized and hidden.dtype == mx.float64 and weight.dtype == mx.float64
+    cd = mx.float64 if f64 else mx.float32
     count = mx.maximum(mx.sum(keep.astype(cd)), 1.0)
     w = keep.astype(cd) / count
 
@@ -194,7 +236,14 @@ def distill_loss(
 
     if chunk_size is None:
         itemsize = 8 if cd == mx.float64 else 4
-        chunk = choose_chunk(N, V, itemsize, ttype == "dense", has_labels and T != 1.0)
+        chunk = choose_chunk(
+            N,
+            V,
+            itemsize,
+            ttype == "dense",
+            has_labels and T != 1.0,
+            transformed=transform is not None or quantized,
+        )
     else:
         if not isinstance(chunk_size, int) or chunk_size < 1:
             _fail(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -210,9 +259,34 @@ def distill_loss(
         has_labels=has_labels,
         chunk=max(chunk, 1),
         grad_in_forward=_grad_in_forward.get(),
+        **_head_spec(weight, transform),
     )
     if rows is None:
         rows = rows_for(spec, cd, distill_loss)
-    loss, ce, kd, cov = fused_loss(spec, rows, h2, weight, extras)
+    bias = maskvec = None
+    if transform is not None:
+        bias = transform.bias
+        if transform.masked_ids:
+            maskvec = transform.mask_vector(V, cd)
+    if quantized:
+        W = [weight.weight, weight.scales] + ([] if weight.biases is None else [weight.biases])
+    else:
+        W = weight
+    loss, ce, kd, cov = fused_loss(spec, rows, h2, W, extras, bias, maskvec)
     metrics = {"ce": ce, "kd": kd, "covered_mass": cov}
     return loss, {k: mx.stop_gradient(v) for k, v in metrics.items()}
+
+
+def _head_spec(weight, transform: LogitTransform | None) -> dict:
+    """The `Spec` fields that describe the head (none for a plain dense head)."""
+    out = {}
+    if isinstance(weight, QuantizedWeight):
+        out["quant"] = (weight.group_size, weight.bits, weight.mode)
+    if transform is not None:
+        out.update(
+            scale=transform.scale,
+            softcap=None if transform.softcap is None else float(transform.softcap),
+            has_bias=transform.bias is not None,
+            masked=bool(transform.masked_ids),
+        )
+    return out

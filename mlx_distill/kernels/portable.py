@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_distill.kernels import head
+
 NEG_INF = float("-inf")
 # Reverse KL's tail bucket: cached log-probs that sum to >= 1 (rounding) would give p_tail = 0 and
 # an infinite loss; below fp32 resolution of 1 - P the teacher tail is unknown, so floor it there.
@@ -44,6 +46,23 @@ class Spec:
     has_labels: bool
     chunk: int
     grad_in_forward: bool
+    # The head (see `Head`): logits transform and quantization; defaults = plain `h @ W.T`.
+    scale: float = 1.0
+    softcap: float | None = None
+    has_bias: bool = False
+    masked: bool = False
+    quant: tuple | None = None  # (group_size, bits, mode) for a QuantizedWeight
+
+    @property
+    def plain_head(self) -> bool:
+        """A dense head without transform: today's exact arithmetic (the quickstart's)."""
+        return (
+            self.scale == 1.0
+            and self.softcap is None
+            and not self.has_bias
+            and not self.masked
+            and self.quant is None
+        )
 
 
 def _dedupe(ids: mx.array, lp: mx.array) -> tuple[mx.array, mx.array]:
@@ -241,14 +260,20 @@ def dense_chunk(spec: Spec, s, t, y, w, want_grad: bool):
         kd = mx.sum(mx.where(pos, p * (logp - logq), 0.0), axis=-1)
         ds = q - p
     elif kind == "reverse_kl":
-        kd = mx.sum(q * (logq - logp), axis=-1)
-        ds = q * (logq - logp - kd[:, None])
+        a = logq - logp
+        if spec.masked:  # ids forced to -inf: q = 0 there, and 0 * (-inf) must count as 0
+            a = mx.where(q > 0, a, 0.0)
+        kd = mx.sum(q * a, axis=-1)
+        ds = q * (a - kd[:, None])
     elif kind == "jsd":
         logm = mx.logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)
-        klqm = mx.sum(q * (logq - logm), axis=-1)
+        a = logq - logm
+        if spec.masked:
+            a = mx.where(q > 0, a, 0.0)
+        klqm = mx.sum(q * a, axis=-1)
         klpm = mx.sum(mx.where(pos, p * (logp - logm), 0.0), axis=-1)
         kd = beta * klpm + (1.0 - beta) * klqm
-        ds = (1.0 - beta) * q * (logq - logm - klqm[:, None])
+        ds = (1.0 - beta) * q * (a - klqm[:, None])
     else:  # tvd
         sig = 0.5 * mx.sign(q - p)
         kd = 0.5 * mx.sum(mx.abs(q - p), axis=-1)
@@ -290,16 +315,22 @@ def _dz_times_w(dz: mx.array, Wc: mx.array) -> mx.array:
     return dz @ Wc
 
 
-def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
-    """Loop over token chunks. h (N, d), W (V, d); extras as packed by `loss.distill_loss`.
+def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None, maskvec=None):
+    """Loop over token chunks. h (N, d); W (V, d), or the quantized [weight, scales(, biases)]
+    list when `spec.quant`; extras as packed by `loss.distill_loss`; bias, maskvec: (V,) or
+    None (the head's transform, see `head.py`).
 
-    Returns sums (4,) and, when `want_grad`, dh (N, d) and dW (V, d) in the compute dtype.
+    Returns sums (4,) and, when `want_grad`, dh (N, d), dW (V, d) (None for a quantized W) and
+    dbias (V,) (None without bias), in the compute dtype.
     """
-    cd = compute_dtype(h, W)
-    Wc = W.astype(cd)
+    plain = spec.plain_head
+    cd = compute_dtype(h, W) if spec.quant is None else mx.float32
+    Wc = W.astype(cd) if plain else head.prepare_weight(spec, W, cd)
+    bias_c = bias.astype(cd) if bias is not None else None
+    mask_c = maskvec.astype(cd) if maskvec is not None else None
     N = h.shape[0]
     T = spec.temperature
-    sums, dW, dhs = None, None, []
+    sums, dW, dbias, dhs = None, None, None, []
     for a in range(0, N, spec.chunk):
         b = min(a + spec.chunk, N)
         hc = h[a:b].astype(cd)
@@ -309,11 +340,15 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
             # dW rides through the same node so that it keeps a single reader and the next
             # addmm updates it in place (a second reader would pin every dW buffer until the end).
             if dW is None:
-                hc = mx.depends(hc, [sums])
+                hc = mx.depends(hc, [sums] if not dhs else [sums, dhs[-1]])
             else:
                 hc, dW = mx.depends([hc, dW], [sums, dhs[-1]])
-        hs = hc * (1.0 / T) if T != 1.0 else hc
-        s = hs @ Wc.T
+        if plain:
+            hs = hc * (1.0 / T) if T != 1.0 else hc
+            s = hs @ Wc.T
+        else:
+            z, cache = head.forward(spec, head.matmul_t(spec, hc, Wc), bias_c, mask_c)
+            s = z * (1.0 / T) if T != 1.0 else z
         part = [x[a:b] for x in extras]
         if spec.targets == "dense":
             t, w = part[0], part[-1].astype(cd)
@@ -327,45 +362,94 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool):
                 ids, lp = None, None
             y = part[0] if spec.has_labels else None
             w = part[-1].astype(cd)
-            g = gathered_logits(hs, Wc, ids, y)
+            if plain:
+                g = gathered_logits(hs, Wc, ids, y)
+            else:
+                g = _gathered_transformed(spec, hc, Wc, ids, y, bias_c, mask_c)
             c_sums, dz = sparse_chunk(spec, rows, s, g, ids, lp, y, w, want_grad)
         sums = c_sums if sums is None else sums + c_sums
-        if want_grad:
-            dhs.append(_dz_times_w(dz, Wc))
-            dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
+        if not want_grad:
+            continue
+        if not plain:
+            dz, d_pre = head.backward(spec, dz, cache, mask_c)
+            if d_pre is not None:
+                db = mx.sum(d_pre, axis=0)
+                dbias = db if dbias is None else dbias + db
+        if spec.quant is not None:
+            dhs.append(head.matmul(spec, dz, Wc))
+            continue
+        dhs.append(_dz_times_w(dz, Wc))
+        dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
     if not want_grad:
-        return sums, None, None
+        return sums, None, None, None
     dh = mx.concatenate(dhs, axis=0) if len(dhs) > 1 else dhs[0]
-    return sums, dh, dW
+    return sums, dh, dW, dbias
 
 
-def fused_loss(spec: Spec, rows, h: mx.array, W: mx.array, extras: list):
-    """(loss, ce, kd, covered) scalars with a hand-written VJP to h and W only."""
+def _gathered_transformed(spec: Spec, hc, Wc, ids, y, bias, maskvec):
+    """`gathered_logits` for a transformed or quantized head: s at the ids and the label."""
+    idx = [x for x in (ids, None if y is None else y[:, None]) if x is not None]
+    if not idx:
+        return None
+    idx = mx.concatenate(idx, axis=1) if len(idx) > 1 else idx[0]
+    raw = (head.rows(spec, Wc, idx, hc.dtype) @ hc[:, :, None])[..., 0]
+    z, _ = head.forward(
+        spec,
+        raw,
+        None if bias is None else bias[idx],
+        None if maskvec is None else maskvec[idx],
+    )
+    T = spec.temperature
+    return z * (1.0 / T) if T != 1.0 else z
 
-    # Outputs: [dW, dh,] loss, ce, kd, covered. Evaluating the loss evaluates them all: they
-    # are all inputs of MLX's custom-function node.
+
+def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskvec=None):
+    """(loss, ce, kd, covered) scalars with a hand-written VJP to h, W and bias only.
+
+    W: (V, d), or the quantized [weight, scales(, biases)] list (it gets zero cotangents: a
+    quantized head is frozen). bias, maskvec: (V,) or None.
+    """
+    head_in = [x for x in (bias, maskvec) if x is not None]
+
+    def unpack(head_in):
+        it = iter(head_in)
+        return (next(it) if bias is not None else None, next(it) if maskvec is not None else None)
+
+    # Outputs: [dh, dW, dbias,] loss, ce, kd, covered (gradient entries that exist). Evaluating
+    # the loss evaluates them all: they are all inputs of MLX's custom-function node.
     @mx.custom_function
-    def f(h, W, extras):
-        sums, dh, dW = run_chunks(spec, rows, h, W, extras, spec.grad_in_forward)
+    def f(h, W, head_in, extras):
+        sums, dh, dW, db = run_chunks(
+            spec, rows, h, W, extras, spec.grad_in_forward, *unpack(head_in)
+        )
         outs = (sums[0], sums[1], sums[2], sums[3])
         if spec.grad_in_forward:
-            outs = (mx.stop_gradient(dW), mx.stop_gradient(dh)) + outs
+            grads = tuple(mx.stop_gradient(g) for g in (dW, dh, db) if g is not None)
+            outs = grads + outs
         return outs
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        h, W, extras = primals
+        h, W, head_in, extras = primals
         if spec.grad_in_forward:
-            dW, dh = outputs[0], outputs[1]
-            g = cotangents[2]
+            grads = list(outputs[:-4])
+            dW = grads.pop(0) if spec.quant is None else None
+            dh = grads.pop(0)
+            db = grads.pop(0) if bias is not None else None
+            g = cotangents[-4]
         else:
             g = cotangents[0]
-            _, dh, dW = run_chunks(spec, rows, h, W, extras, True)
+            _, dh, dW, db = run_chunks(spec, rows, h, W, extras, True, *unpack(head_in))
         g = g.astype(dh.dtype)
-        return (
-            (g * dh).astype(h.dtype),
-            (g * dW).astype(W.dtype),
-            [mx.zeros_like(e) for e in extras],
-        )
+        if spec.quant is None:
+            dW_out = (g * dW).astype(W.dtype)
+        else:
+            dW_out = [mx.zeros_like(x) for x in W]
+        head_out = []
+        if bias is not None:
+            head_out.append((g * db).astype(bias.dtype))
+        if maskvec is not None:
+            head_out.append(mx.zeros_like(maskvec))
+        return ((g * dh).astype(h.dtype), dW_out, head_out, [mx.zeros_like(e) for e in extras])
 
-    return f(h, W, extras)[-4:]
+    return f(h, W, head_in, extras)[-4:]

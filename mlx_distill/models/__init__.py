@@ -1,9 +1,10 @@
-"""Students and local teachers as mlx-lm architectures (`llama`, `qwen2`).
+"""Students and local teachers as mlx-lm architectures.
 
-Build one from a `ModelConfig`, load an mlx-lm folder, or cut a student from a teacher by keeping
-every k-th layer. The fused loss needs the final hidden states and the LM-head weight, which
-`hidden_states` and `lm_head_weight` expose for tied and untied heads alike. Saved folders are
-plain mlx-lm format: `mlx_lm.load(path)` and `mlx_lm generate --model path` read them offline.
+Build one from a `ModelConfig` (`llama`, `qwen2`), load an mlx-lm folder of any verified
+architecture (`VERIFIED_ARCHS`; others are refused), or cut a student from a teacher by keeping
+every k-th layer. The fused loss needs the final hidden states, the LM-head weight and the
+architecture's logits transform: `head_inputs` (see `heads.py`). Saved folders are plain mlx-lm
+format: `mlx_lm.load(path)` and `mlx_lm generate --model path` read them offline.
 """
 
 from __future__ import annotations
@@ -19,10 +20,41 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_distill.errors import BadInput
+from mlx_distill.models.heads import ARCHS as VERIFIED_ARCHS
+from mlx_distill.models.heads import (
+    Head,
+    architecture,
+    check_architecture,
+    head_inputs,
+    hidden_states,
+    lm_head,
+    lm_head_weight,
+    text_model,
+)
 from mlx_distill.recipe import ModelConfig
 from mlx_distill.text.tokenizer import TOKENIZER_FILES
 
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2")  # what `build_model` builds from a ModelConfig
+
+__all__ = [
+    "ARCHS",
+    "VERIFIED_ARCHS",
+    "Head",
+    "architecture",
+    "build_model",
+    "check_architecture",
+    "export_quantized",
+    "from_teacher_layers",
+    "head_inputs",
+    "hidden_states",
+    "lm_head",
+    "lm_head_weight",
+    "load_model",
+    "model_from_config",
+    "num_params",
+    "save_model",
+    "text_model",
+]
 
 
 def model_config_dict(cfg: ModelConfig, vocab_size: int) -> dict:
@@ -74,26 +106,58 @@ def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
         raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
     if not list(path.glob("*.safetensors")):
         raise BadInput(f"no .safetensors weights in {path}")
+    check_architecture(_model_type(path))
     model, tokenizer, config = load(str(path), return_config=True)
     return model, tokenizer, config
 
 
-def hidden_states(model: nn.Module, tokens: mx.array) -> mx.array:
-    """Final normalized hidden states (B, L, d): the input to the LM head."""
-    return model.model(tokens)
+def _model_type(path: Path) -> str:
+    """config.json's model_type, with mlx-lm's own aliases (e.g. mistral -> llama) kept."""
+    try:
+        return str(json.loads((path / "config.json").read_text())["model_type"])
+    except (ValueError, KeyError):
+        raise BadInput(f"{path / 'config.json'}: no model_type") from None
 
 
-def lm_head_weight(model: nn.Module) -> mx.array:
-    """The LM head as a (V, d) matrix: the tied embedding or the separate head."""
-    head = getattr(model, "lm_head", None)
-    if head is not None and "weight" in head:
-        if hasattr(head, "scales"):
-            return mx.dequantize(head.weight, head.scales, head.biases, head.group_size, head.bits)
-        return head.weight
-    embed = model.model.embed_tokens
-    if hasattr(embed, "scales"):
-        return mx.dequantize(embed.weight, embed.scales, embed.biases, embed.group_size, embed.bits)
-    return embed.weight
+def _layer_list(model: nn.Module) -> tuple[str, list]:
+    """(parameter path, modules) of the model's list of transformer blocks."""
+    lm = text_model(model)
+    prefix = "language_model." if lm is not model else ""
+    for name in ("layers", "h"):
+        if name in lm.model and isinstance(lm.model[name], list):
+            return f"{prefix}model.{name}", lm.model[name]
+    raise BadInput(f"{architecture(model)}: no list of layers at model.layers or model.h")
+
+
+def _layer_kind(layer: nn.Module, path: str = "") -> dict:
+    """What makes one block differ from another of the same model besides its weights: module
+    classes and scalar settings (sliding window or not, RoPE or NoPE...), without indices."""
+    out = {path + "<class>": type(layer).__name__}
+    for key, value in vars(layer).items():
+        if isinstance(value, bool | int | float | str) and "idx" not in key and key[0] != "_":
+            out[path + key] = value
+    for name, child in layer.children().items():
+        if isinstance(child, nn.Module):
+            out.update(_layer_kind(child, f"{path}{name}."))
+    return out
+
+
+def _cut_config(teacher: nn.Module, config: dict, n: int, keep: list[int]) -> dict:
+    """The teacher's config with `keep` layers: the layer count and every per-layer list."""
+    student = json.loads(json.dumps(config))
+    student.pop("quantization", None)
+    student.pop("quantization_config", None)
+    target = student["text_config"] if "text_config" in student else student
+    names = ("num_hidden_layers", "n_layer", "num_layers")
+    key = next((k for k in names if target.get(k) == n), None)
+    if key is None:
+        raise BadInput(f"{architecture(teacher)}: config has no layer count equal to {n}")
+    target[key] = len(keep)
+    args = getattr(text_model(teacher), "args", None)
+    for name, value in (vars(args) if args is not None else {}).items():
+        if isinstance(value, list) and len(value) == n:
+            target[name] = [value[i] for i in keep]
+    return student
 
 
 def from_teacher_layers(
@@ -103,31 +167,49 @@ def from_teacher_layers(
     with exactly the teacher layers listed in `layers`, in the teacher's order.
 
     Embeddings, final norm and head are copied too, so the student shares the teacher's
-    tokenizer and starts from its representations (DistilBERT-style initialization).
+    tokenizer and starts from its representations (DistilBERT-style initialization). Works for
+    every allow-listed architecture; refused when a kept layer would change kind at its new
+    position (e.g. Gemma 3's sliding/global pattern, Qwen3.5's linear/full attention).
     """
-    n = config["num_hidden_layers"]
+    arch = architecture(teacher)
+    check_architecture(arch)
+    path, teacher_layers = _layer_list(teacher)
+    n = len(teacher_layers)
     if layers is not None:
         if any(not 0 <= i < n for i in layers):
             raise BadInput(f"student.layers {layers}: the teacher has layers 0..{n - 1}")
         keep = sorted(set(layers))
     else:
         keep = sorted(set(range(0, n, stride)) | {n - 1})
-    student_config = dict(config, num_hidden_layers=len(keep))
-    student_config.pop("quantization", None)
-    student = model_from_config(student_config)
     teacher_params = dict(tree_flatten(teacher.parameters()))
     if any(k.endswith(".scales") for k in teacher_params):
         raise BadInput("student.init teacher_layers needs an unquantized teacher")
+    student_config = _cut_config(teacher, config, n, keep)
+    student = model_from_config(student_config)
+    _, student_layers = _layer_list(student)
+    for j, i in enumerate(keep):
+        want, got = _layer_kind(teacher_layers[i]), _layer_kind(student_layers[j])
+        if want != got:
+            diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            raise BadInput(
+                f"student.layers {keep}: {arch} teacher layer {i} would become student layer "
+                f"{j} of another kind ({', '.join(diff[:3])} differ); choose layers whose "
+                f"positions keep their kind"
+            )
     weights = {}
     for key, value in teacher_params.items():
-        if key.startswith("model.layers."):
-            index = int(key.split(".")[2])
-            if index not in keep:
+        if key.startswith(path + "."):
+            index, rest = key[len(path) + 1 :].split(".", 1)
+            if int(index) not in keep:
                 continue
-            rest = key.split(".", 3)[3]
-            key = f"model.layers.{keep.index(index)}.{rest}"
+            key = f"{path}.{keep.index(int(index))}.{rest}"
         weights[key] = mx.array(value)
-    student.load_weights(list(weights.items()))
+    if hasattr(student, "sanitize"):
+        weights = student.sanitize(weights)  # as mlx_lm.load does (e.g. Gemma 3's tied head)
+    try:
+        student.load_weights(list(weights.items()))
+    except ValueError as e:
+        raise BadInput(f"student.init teacher_layers: cannot cut the {arch} teacher: {e}") from None
     mx.eval(student.parameters())
     return student, student_config
 

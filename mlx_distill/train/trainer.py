@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_distill.kernels import SparseTargets, distill_loss
-from mlx_distill.models import hidden_states, lm_head_weight
+from mlx_distill.models import head_inputs
 from mlx_distill.recipe import LossConfig, TrainConfig
 from mlx_distill.train.recompute import checkpoint_blocks
 from mlx_distill.train.step import batch_arrays, make_master, make_step, master_to_model
@@ -54,13 +54,21 @@ def make_loss(loss_cfg: LossConfig | None):
     """The per-batch loss; `loss_cfg=None` means hard labels only (cross-entropy)."""
 
     def loss_fn(model, tokens, labels, mask, ids, logprobs):
-        hidden = hidden_states(model, tokens)
-        weight = lm_head_weight(model)
+        # the LM-head contract: weight wherever the architecture keeps it, plus its transform
+        hidden, head = head_inputs(model, tokens)
         if loss_cfg is None or ids is None:
-            return distill_loss(hidden, weight, None, kind="ce", labels=labels, mask=mask)
+            return distill_loss(
+                hidden,
+                head.weight,
+                None,
+                kind="ce",
+                labels=labels,
+                mask=mask,
+                transform=head.transform,
+            )
         return distill_loss(
             hidden,
-            weight,
+            head.weight,
             SparseTargets(ids, logprobs),
             kind=loss_cfg.kind,
             beta=loss_cfg.beta,
@@ -70,6 +78,7 @@ def make_loss(loss_cfg: LossConfig | None):
             kd_weight=loss_cfg.kd_weight,
             mask=mask,
             chunk_size=loss_cfg.chunk_size,
+            transform=head.transform,
         )
 
     return loss_fn

@@ -59,6 +59,8 @@ def _run(
         retry_failed=retry_failed,
         jobs=jobs,
         bar_position=bar_position,
+        recipe_path=str(recipe_path),
+        overrides=tuple(overrides),
     )
     outcome = run_stages(ctx, only=list(stages) or None, force=force)
     summary = {"run_dir": str(recipe.run_dir), "stages": outcome}
@@ -136,21 +138,9 @@ def eval_(path, as_json, no_progress):
     """Re-evaluate a run directory (runs/NAME) and rewrite its report."""
     from pathlib import Path
 
-    from mlx_distill.context import Context
-    from mlx_distill.evaluate import evaluate_run
-    from mlx_distill.recipe import load_recipe
-    from mlx_distill.report import write_report
+    from mlx_distill.stages import evaluate_in_place
 
-    resolved = Path(path) / "recipe.yaml"
-    if not resolved.exists():
-        raise BadInput(f"{path} is not a run directory (no recipe.yaml); run a recipe first")
-    recipe = load_recipe(resolved)
-    recipe.runs_dir = str(Path(path).parent)
-    recipe.name = Path(path).name
-    ctx = Context(recipe, Path(path), progress=not no_progress)
-    results = evaluate_run(ctx)
-    write_report(ctx)
-    _emit(results, as_json)
+    _emit(evaluate_in_place(Path(path), progress=not no_progress), as_json)
 
 
 @cli.command()
@@ -161,14 +151,20 @@ def eval_(path, as_json, no_progress):
 @click.option("--system", default=None, help="System prompt.")
 def chat(path, teacher, max_tokens, temp, system):
     """Chat with a model folder (streaming; /reset, /quit; reads a pipe too)."""
+    from pathlib import Path
+
     from mlx_distill.chat import chat_loop
+
+    for option, value in (("PATH", path), ("--teacher", teacher)):
+        if value is not None and not Path(value).exists():
+            raise BadInput(f"chat {option}: model folder not found: {value}")
 
     chat_loop(path, teacher=teacher, max_tokens=max_tokens, temperature=temp, system=system)
 
 
 @cli.group()
 def cache():
-    """Inspect a teacher cache."""
+    """Inspect, verify or repair a teacher cache."""
 
 
 @cache.command("info")
@@ -189,6 +185,19 @@ def cache_verify(path, as_json):
     from mlx_distill.cache import verify_cache
 
     _emit(verify_cache(path), as_json)
+
+
+@cache.command("repair")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-progress", is_flag=True)
+def cache_repair(path, as_json, no_progress):
+    """Rescore only the damaged or missing shards of a run's cache (runs/NAME/cache)."""
+    from pathlib import Path
+
+    from mlx_distill.stages import repair_cache
+
+    _emit(repair_cache(Path(path), progress=not no_progress), as_json)
 
 
 @cli.command()
@@ -216,12 +225,16 @@ def doctor(as_json):
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="mlx-distill")
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # one line, not click's usage block
+        where = e.ctx.command_path if e.ctx is not None else "mlx-distill"
+        click.echo(f"error: {where}: {e.format_message()} (see {where} --help)", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(2)
     except BadInput as e:
         if debug:

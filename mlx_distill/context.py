@@ -25,6 +25,8 @@ class Context:
     retry_failed: bool = False
     jobs: int = 2  # >= 2: the baseline trains in a second process while the KD student trains
     bar_position: int = 0  # terminal line of this process's progress bars
+    recipe_path: str = "RECIPE"  # as the user gave it, with `overrides`: for commands in messages
+    overrides: tuple[str, ...] = ()
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 
     def stage_dir(self, name: str) -> Path:

@@ -81,9 +81,7 @@ def stage_tokenizer(ctx: Context) -> dict:
 
 
 def stage_teacher(ctx: Context) -> dict:
-    """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
-    from mlx_distill.text.tokenizer import load_tokenizer, vocab_hash
-
+    """Record a local teacher folder, or train the recipe's teacher."""
     recipe, out = ctx.recipe, ctx.stage_dir("teacher")
     out.mkdir(parents=True, exist_ok=True)
     if recipe.teacher.kind == "gemini":
@@ -99,16 +97,8 @@ def stage_teacher(ctx: Context) -> dict:
         )
         return summary
     tokenizer = _tokenizer(ctx)
-    if recipe.teacher.path:
+    if recipe.teacher.path:  # checked in the preflight: a model folder with the recipe's tokenizer
         path = Path(recipe.teacher.path).resolve()
-        if not path.is_dir():
-            raise BadInput(f"recipe key teacher.path: folder not found: {recipe.teacher.path}")
-        teacher_vocab = vocab_hash(load_tokenizer(path))
-        if teacher_vocab != vocab_hash(tokenizer):
-            raise BadInput(
-                f"the student's tokenizer (vocab hash {vocab_hash(tokenizer)}) does not match the "
-                f"teacher's in {path} ({teacher_vocab}); set tokenizer.path to the teacher's folder"
-            )
         (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
         return {"path": str(path), "trained": False}
     from mlx_distill.models import build_model, num_params, save_model
@@ -117,9 +107,7 @@ def stage_teacher(ctx: Context) -> dict:
     if recipe.teacher.init:  # continued training of an earlier teacher
         from mlx_distill.models import load_model
 
-        model, init_tokenizer, config = load_model(recipe.teacher.init)
-        if vocab_hash(init_tokenizer) != vocab_hash(tokenizer):
-            raise BadInput(f"recipe key teacher.init: {recipe.teacher.init} has another tokenizer")
+        model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
     else:
         model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
     examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
@@ -224,6 +212,16 @@ def _student(ctx: Context, tokenizer):
     return build_model(s.model, len(tokenizer.get_vocab()))
 
 
+def _student_tokenizer_dir(ctx: Context) -> Path:
+    """The tokenizer the student's weights were trained with: the one its export carries."""
+    s = ctx.recipe.student
+    if s.init == "pretrained":
+        return Path(s.path)
+    if s.init == "teacher_layers":
+        return _teacher_path(ctx)
+    return ctx.stage_dir("tokenizer")
+
+
 def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     from mlx_distill.cache import open_cache
     from mlx_distill.models import num_params, save_model
@@ -263,7 +261,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")
     stage_json = (ctx.stage_dir(run) / "stage.json").read_text() if run == "baseline" else None
-    save_model(model, config, ctx.stage_dir("tokenizer"), out)
+    save_model(model, config, _student_tokenizer_dir(ctx), out)
     bits = recipe.export.quantize_bits
     if use_cache and bits:
         from mlx_distill.models import export_quantized

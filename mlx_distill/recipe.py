@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -282,8 +283,12 @@ class Recipe:
             )
         if not 0.0 < self.loss.beta < 1.0:
             raise BadInput(f"recipe key loss.beta: must be in (0, 1), got {self.loss.beta}")
-        if self.loss.temperature <= 0 or self.cache.temperature <= 0:
-            raise BadInput("recipe keys loss.temperature and cache.temperature must be > 0")
+        for key, value in (
+            ("loss.temperature", self.loss.temperature),
+            ("cache.temperature", self.cache.temperature),
+        ):
+            if value <= 0:
+                raise BadInput(f"recipe key {key}: must be > 0, got {value}")
         distills_local_topk = (
             self.teacher.kind == "local"
             and self.cache.targets == "topk"
@@ -469,5 +474,20 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         recipe = from_dict(Recipe, data)
         recipe.validate()
     except BadInput as e:
-        raise BadInput(f"{source}: {e}") from None
+        raise BadInput(_blame(str(e), overrides, source)) from None
     return recipe
+
+
+def _blame(message: str, overrides: typing.Sequence[str], source: str) -> str:
+    """Prefix a recipe error with its cause: the `--set` of a key it names, else the recipe file."""
+    keys = re.findall(r"recipe keys? ([A-Za-z_][\w.\[\]]*)", message)
+    for item in reversed(overrides):  # the last --set of a key wins, so blame that one
+        key = item.split("=", 1)[0].strip()
+        for named in keys:
+            if (
+                named == key
+                or named.startswith((key + ".", key + "["))
+                or key.startswith(named + ".")
+            ):
+                return f"--set {item}: {message}"
+    return f"{source}: {message}"

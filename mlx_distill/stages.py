@@ -63,8 +63,8 @@ def _file_digest(path: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
-    """Fingerprint of every stage, upstream first."""
+def stage_inputs(recipe: Recipe) -> tuple[dict[str, str], dict[str, dict]]:
+    """(fingerprint, inputs) of every stage, upstream first; the inputs are what is hashed."""
     data_files = {k: _file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
     teacher_files = {}
     if recipe.teacher.kind == "local" and (recipe.teacher.path or recipe.teacher.init):
@@ -72,10 +72,12 @@ def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
         for f in sorted(teacher_dir.glob("*.safetensors")) + [teacher_dir / "config.json"]:
             teacher_files[f.name] = _file_digest(str(f))
     prints: dict[str, str] = {}
+    inputs: dict[str, dict] = {}
+    resolved = recipe.to_dict()
     for name in STAGES:
         payload = {
             "stage": name,
-            "sections": {k: recipe.to_dict()[k] for k in SECTIONS[name]},
+            "sections": {k: resolved[k] for k in SECTIONS[name]},
             "seed": recipe.seed,
             "upstream": {u: prints[u] for u in UPSTREAM[name]},
         }
@@ -84,7 +86,13 @@ def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
         if name == "teacher":
             payload["teacher_files"] = teacher_files
         prints[name] = fingerprint(payload)
-    return prints
+        inputs[name] = payload
+    return prints, inputs
+
+
+def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Fingerprint of every stage, upstream first."""
+    return stage_inputs(recipe)[0]
 
 
 def _write_stage(ctx: Context, name: str, info: dict) -> None:
@@ -113,41 +121,132 @@ def _clear(ctx: Context, name: str) -> None:
         shutil.rmtree(ctx.run_dir / extra, ignore_errors=True)
 
 
-def _preflight(recipe: Recipe, stages: list[str]) -> None:
-    """Check the input files before anything is written: fail fast, leave nothing behind."""
-    from mlx_distill.text.data import read_jsonl
+# What each stage makes, for "... since <it> was <made>" in a refusal.
+MADE = {
+    "tokenizer": "the tokenizer stage ran",
+    "teacher": "the teacher stage ran",
+    "cache": "the teacher cache was built",
+    "distill": "the KD student was trained",
+    "baseline": "the baseline was trained",
+    "eval": "the evaluation ran",
+    "report": "the report was written",
+}
+TEACH_GROUP = ("tokenizer", "teacher", "cache")
 
-    data = recipe.data
-    needs = {"train": {"tokenizer", "teacher", "cache", "distill", "baseline"}, "test": {"eval"}}
-    for split, users in needs.items():
-        if users & set(stages):
-            if getattr(data, split) is None:
-                used_by = ", ".join(s for s in STAGES if s in users & set(stages))
-                raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
-            path = Path(getattr(data, split))
-            if not path.is_file():
-                raise BadInput(f"recipe key data.{split}: data file not found: {path}")
-            read_jsonl(path)  # a malformed line fails here, naming file and line
-    local_teacher = recipe.teacher.path if recipe.teacher.kind == "local" else None
-    for key, value in (("tokenizer.path", recipe.tokenizer.path), ("teacher.path", local_teacher)):
-        if value and not Path(value).is_dir():
-            raise BadInput(f"recipe key {key}: folder not found: {value}")
-    if recipe.tokenizer.path and local_teacher and {"teacher", "cache"} & set(stages):
-        from mlx_distill.text.tokenizer import load_tokenizer, vocab_hash
 
-        student, teacher = (
-            vocab_hash(load_tokenizer(p)) for p in (recipe.tokenizer.path, local_teacher)
-        )
-        if student != teacher:
-            raise BadInput(
-                f"the student's tokenizer ({recipe.tokenizer.path}, vocab hash {student}) does not "
-                f"match the teacher's ({local_teacher}, {teacher})"
-            )
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def why_stale(ctx: Context, name: str, prints: dict, inputs: dict) -> str:
+    """Why stage `name` is not up to date, in words: the recipe fields (both values), data files
+    or upstream stages that changed since it ran, or that it never finished."""
+    previous = read_stage(ctx, name)
+    if previous is None:
+        return f"the {name} stage has not run yet"
+    if previous.get("fingerprint") == prints[name]:
+        return f"the {name} stage did not finish (status {previous.get('status')!r})"
+    old = previous.get("inputs")
+    if not isinstance(old, dict):
+        return f"the recipe or the data changed since {MADE[name]}"
+    new = inputs[name]
+    changes = []
+    before, after = _flat(old.get("sections", {})), _flat(new["sections"])
+    for key in [k for k in after if k in before] + [k for k in after if k not in before]:
+        if before.get(key) != after[key]:
+            changes.append(f"{key} changed {_shown(before.get(key))} -> {_shown(after[key])}")
+    if old.get("seed") != new["seed"]:
+        changes.append(f"seed changed {old.get('seed')} -> {new['seed']}")
+    for split, digest in new.get("data_files", {}).items():
+        if old.get("data_files", {}).get(split) != digest:
+            path = getattr(ctx.recipe.data, split)
+            changes.append(f"the content of data.{split} ({path}) changed")
+    if old.get("teacher_files") != new.get("teacher_files", old.get("teacher_files")):
+        changes.append("the teacher's weights or config.json changed")
+    for upstream, fp in new["upstream"].items():
+        if old.get("upstream", {}).get(upstream) != fp:
+            changes.append(f"the {upstream} stage was rerun")
+    if not changes:
+        return f"the recipe changed since {MADE[name]}"
+    shown = changes[:3] + ([f"{len(changes) - 3} more"] if len(changes) > 3 else [])
+    listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+    return f"{listed} since {MADE[name]}"
+
+
+def rebuild_command(ctx: Context, stale: list[str]) -> str:
+    """The command that reruns the `stale` stages with the same recipe and overrides."""
+    import shlex
+
+    if len(stale) > 1 and set(stale) <= set(TEACH_GROUP):
+        cmd = ["mlx-distill", "teach", ctx.recipe_path]
+    else:
+        cmd = ["mlx-distill", "run", ctx.recipe_path]
+        for name in stale:
+            cmd += ["--stage", name]
+    for item in ctx.overrides:
+        cmd += ["--set", item]
+    return shlex.join(cmd)
+
+
+def refuse_stale(ctx: Context, selected: list[str], enabled: list[str], prints, inputs) -> None:
+    """BadInput if a stage that `selected` read from (and does not run) is not up to date:
+    the first such stage, why (fields with both values), and the command that rebuilds it."""
+    needed = [s for s in _upstream_of(selected, enabled) if s not in selected]
+    stale = []
+    for name in needed:
+        info = read_stage(ctx, name) or {}
+        if info.get("status") != "done" or info.get("fingerprint") != prints[name]:
+            stale.append(name)
+    if not stale:
+        return
+    readers = [s for s in selected if stale[0] in _upstream_of([s], enabled)]
+    what = " and ".join(readers) + (" stages read" if len(readers) > 1 else " stage reads")
+    reason = why_stale(ctx, stale[0], prints, inputs)
+    verb = "build" if reason.endswith("has not run yet") else "rebuild"
+    also = f" (with {', '.join(stale[1:])})" if len(stale) > 1 else ""
+    raise BadInput(
+        f"{reason}; the {what} it, so {verb} it{also} first: {rebuild_command(ctx, stale)}"
+    )
+
+
+def _upstream_of(names: list[str], enabled: list[str]) -> list[str]:
+    """Enabled stages that `names` read from, transitively, in stage order."""
+    needed: set[str] = set()
+    frontier = list(names)
+    while frontier:
+        for upstream in UPSTREAM[frontier.pop()]:
+            if upstream in enabled and upstream not in needed:
+                needed.add(upstream)
+                frontier.append(upstream)
+    return [s for s in enabled if s in needed]
+
+
+def _write_recipe(ctx: Context) -> None:
+    resolved = ctx.run_dir / "recipe.yaml"
+    resolved.with_suffix(".tmp").write_text(ctx.recipe.to_yaml())
+    resolved.with_suffix(".tmp").replace(resolved)
 
 
 def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False) -> dict[str, str]:
-    """Run the recipe's stages in order. Returns {stage: 'ran' | 'skipped'}."""
-    from mlx_distill.pipeline import STAGE_FUNCTIONS
+    """Run the recipe's stages in order. Returns {stage: 'ran' | 'skipped'}.
+
+    Before anything is written: every input is checked (`preflight`), the run must not be held
+    by another process (`RunLock`) and every stage the selected ones read must be up to date.
+    The resolved recipe is written only when a stage is about to run.
+    """
+    from mlx_distill.preflight import check_inputs
+    from mlx_distill.runlock import RunLock
 
     recipe = ctx.recipe
     enabled = [s for s in STAGES if s in recipe.stages]
@@ -156,32 +255,31 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             raise BadInput(
                 f"--stage {name}: not one of this recipe's stages ({', '.join(enabled)})"
             )
-    _preflight(recipe, [s for s in enabled if not only or s in only])
-    prints = stage_fingerprints(recipe)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = ctx.run_dir / "recipe.yaml"
-    resolved.with_suffix(".tmp").write_text(recipe.to_yaml())
-    resolved.with_suffix(".tmp").replace(resolved)
+    selected = [s for s in enabled if not only or s in only]
+    check_inputs(recipe, selected)
+    prints, inputs = stage_inputs(recipe)
 
-    needed: set[str] = set()  # stages the selected ones read from, transitively
-    frontier = list(only or [])
-    while frontier:
-        for upstream in UPSTREAM[frontier.pop()]:
-            if upstream in enabled and upstream not in needed:
-                needed.add(upstream)
-                frontier.append(upstream)
-
-    def pending(name: str) -> bool:
-        """Will this call run `name` (selected, and not up to date or forced)?"""
-        if name not in enabled or (only and name not in only):
-            return False
+    def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}
-        current = previous.get("status") == "done" and previous.get("fingerprint") == prints[name]
-        return force or not current
+        return previous.get("status") == "done" and previous.get("fingerprint") == prints[name]
+
+    with RunLock(ctx.run_dir, log=ctx.log) as lock:
+        lock.check()
+        if only:
+            refuse_stale(ctx, selected, enabled, prints, inputs)
+        if any(force or not current(s) for s in selected):
+            lock.claim()
+            if not lock.inherited:  # a side process runs its parent's resolved recipe
+                _write_recipe(ctx)
+        return _run_selected(ctx, enabled, selected, prints, inputs, force, current)
+
+
+def _run_selected(ctx, enabled, selected, prints, inputs, force, current) -> dict[str, str]:
+    from mlx_distill.pipeline import STAGE_FUNCTIONS
 
     outcome: dict[str, str] = {}
     side: subprocess.Popen | None = None  # the baseline, training beside the KD student
-    for name in enabled:
+    for name in selected:
         fp = prints[name]
         if name == "baseline" and side is not None:
             outcome[name] = _join_side(ctx, side, name, fp)
@@ -189,15 +287,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             continue
         previous = read_stage(ctx, name)
         done = previous is not None and previous.get("status") == "done"
-        up_to_date = done and previous.get("fingerprint") == fp
-        if only and name not in only:
-            if name in needed and not up_to_date:
-                raise BadInput(
-                    f"stage {name!r} is not up to date and --stage skips it; run it first "
-                    f"(mlx-distill run RECIPE --stage {name})"
-                )
-            continue
-        if up_to_date and not force:
+        if current(name) and not force:
             ctx.log(f"[{name}] up to date (fingerprint {fp}), skipped")
             outcome[name] = "skipped"
             continue
@@ -208,8 +298,10 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
         started = time.time()
         info = {"stage": name, "fingerprint": fp, "status": "running", "started": started}
         info["versions"] = _versions()
+        info["inputs"] = inputs[name]
         _write_stage(ctx, name, info)
-        if name == "distill" and ctx.jobs > 1 and pending("baseline"):
+        baseline_pending = "baseline" in selected and (force or not current("baseline"))
+        if name == "distill" and ctx.jobs > 1 and baseline_pending:
             side = _spawn_side(ctx, "baseline", force)
         try:
             with _blas_share(side is not None):
@@ -220,6 +312,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             if side is not None:
                 side.terminate()  # it checkpoints as it goes; a rerun resumes it
                 side.wait()
+                _close_side(side)
             raise
         info.update(status="done", finished=time.time(), seconds=round(time.time() - started, 2))
         info["result"] = result
@@ -253,19 +346,28 @@ class _blas_share:
             backend.set_blas_threads(os.cpu_count() or 1)
 
 
+def _close_side(proc: subprocess.Popen) -> None:
+    from mlx_distill.runlock import close_side
+
+    close_side(proc)
+
+
 def _spawn_side(ctx: Context, name: str, force: bool) -> subprocess.Popen:
     """Run stage `name` of the resolved recipe in a second process (same run directory).
 
     Distill and baseline share no state: each reads the upstream stages and writes its own
     folders, so they can train side by side. On a 2-core CPU this nearly halves their wall
-    time, since a step of a small model cannot keep both cores busy.
+    time, since a step of a small model cannot keep both cores busy. The child works under this
+    process's run lock and exits when this process dies (`runlock.spawn_side`).
     """
+    from mlx_distill.runlock import spawn_side
+
     cmd = [sys.executable, "-m", "mlx_distill", "run", str(ctx.run_dir / "recipe.yaml")]
     cmd += ["--stage", name, "--jobs", "1", "--bar-position", str(ctx.bar_position + 1)]
     cmd += ["--force"] if force else []
     cmd += [] if ctx.progress else ["--no-progress"]
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(_half_cores()[1]))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    proc = spawn_side(cmd, env)  # works under this run's lock; exits if this process dies
     ctx.log(f"[{name}] running beside distill (second process, pid {proc.pid})")
     return proc
 
@@ -273,8 +375,88 @@ def _spawn_side(ctx: Context, name: str, force: bool) -> subprocess.Popen:
 def _join_side(ctx: Context, proc: subprocess.Popen, name: str, fp: str) -> str:
     """Wait for a side process; its stage must have finished with the expected fingerprint."""
     code = proc.wait()
+    _close_side(proc)
     info = read_stage(ctx, name) or {}
     if code != 0 or info.get("status") != "done" or info.get("fingerprint") != fp:
         message = f"stage {name} failed in its side process (exit code {code}; error above)"
         raise (BadInput if code == 2 else RuntimeError)(message)
     return "ran"  # the side process logged its own "done" line
+
+
+def _run_context(run_dir: Path, progress: bool = True) -> Context:
+    """A Context for an existing run directory, from its resolved recipe.yaml."""
+    from mlx_distill.recipe import load_recipe
+
+    resolved = run_dir / "recipe.yaml"
+    if not resolved.is_file():
+        raise BadInput(f"{run_dir} is not a run directory (no recipe.yaml); run a recipe first")
+    recipe = load_recipe(resolved)
+    recipe.runs_dir = str(run_dir.parent)
+    recipe.name = run_dir.name
+    return Context(recipe, run_dir, progress=progress, recipe_path=str(resolved))
+
+
+def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
+    """`mlx-distill eval PATH`: evaluate a run directory again and rewrite its report.
+
+    Refused while another process holds the run, or when a model in it is not the one its
+    recipe.yaml describes (the recipe changed since it was trained).
+    """
+    from mlx_distill.evaluate import evaluate_run
+    from mlx_distill.preflight import check_inputs
+    from mlx_distill.report import write_report
+    from mlx_distill.runlock import RunLock
+
+    ctx = _run_context(Path(run_dir), progress)
+    enabled = [s for s in STAGES if s in ctx.recipe.stages]
+    check_inputs(ctx.recipe, ["eval"])
+    prints, inputs = stage_inputs(ctx.recipe)
+    with RunLock(ctx.run_dir, log=ctx.log) as lock:
+        lock.check()
+        refuse_stale(ctx, ["eval"], enabled, prints, inputs)
+        lock.claim()
+        results = evaluate_run(ctx)
+        write_report(ctx)
+    return results
+
+
+def repair_cache(cache_dir: Path, progress: bool = True) -> dict:
+    """`mlx-distill cache repair PATH`: rescore only the missing or damaged shards of a run's
+    teacher cache (PATH = runs/NAME/cache), keeping every intact shard as it is."""
+    from mlx_distill.cache import format as fmt
+    from mlx_distill.cache import verify_cache
+    from mlx_distill.pipeline import STAGE_FUNCTIONS
+    from mlx_distill.runlock import RunLock
+
+    cache_dir = Path(cache_dir)
+    manifest = fmt.read_json_manifest(cache_dir)  # names the path if it is not a cache
+    if manifest.get("kind") != "tokens":
+        raise BadInput(
+            f"{cache_dir} holds {manifest.get('kind')!r} records, not token targets; rerun "
+            "`mlx-distill teach` to fill in missing teacher answers"
+        )
+    ctx = _run_context(cache_dir.parent, progress)
+    if ctx.stage_dir("cache").resolve() != cache_dir.resolve():
+        raise BadInput(f"{cache_dir}: not the cache folder of run {ctx.run_dir}")
+    damaged = [
+        s["file"]
+        for s in manifest.get("shards", [])
+        if not (cache_dir / s["file"]).is_file()
+        or fmt.file_sha256(cache_dir / s["file"]) != s.get("sha256")
+    ]
+    prints, inputs = stage_inputs(ctx.recipe)
+    enabled = [s for s in STAGES if s in ctx.recipe.stages]
+    with RunLock(ctx.run_dir, log=ctx.log) as lock:
+        lock.check()
+        info = read_stage(ctx, "cache") or {}
+        if info.get("fingerprint") != prints["cache"]:
+            raise BadInput(
+                f"{why_stale(ctx, 'cache', prints, inputs)}; the cache cannot be repaired, "
+                f"rebuild it: {rebuild_command(ctx, ['cache'])}"
+            )
+        refuse_stale(ctx, ["cache"], enabled, prints, inputs)
+        if damaged or not manifest.get("complete"):
+            lock.claim()
+            ctx.log(f"[cache] rebuilding {len(damaged)} damaged shard(s): {', '.join(damaged)}")
+            STAGE_FUNCTIONS["cache"](ctx)  # keeps intact shards, rescoring only the rest
+    return dict(verify_cache(cache_dir), repaired=damaged)

@@ -69,14 +69,28 @@ def test_set_overrides_coerce_through_schema():
 
 
 def test_set_rejects_bad_values():
-    with pytest.raises(BadInput, match="loss.kind"):
+    with pytest.raises(
+        BadInput, match=r"^--set loss\.kind=kl: recipe key loss\.kind: 'kl' is not one of"
+    ):
         load_recipe(None, ["loss.kind=kl"])
-    with pytest.raises(BadInput, match=r"train\.steps: expected int"):
+    with pytest.raises(
+        BadInput,
+        match=r"^--set train\.steps=1\.5: recipe key train\.steps: expected int, got 1\.5$",
+    ):
         load_recipe(None, ["train.steps=1.5"])
     with pytest.raises(BadInput, match="key.path=value"):
         load_recipe(None, ["train.steps"])
-    with pytest.raises(BadInput, match=r"unknown recipe key trian"):
+    with pytest.raises(BadInput, match=r"^--set trian\.steps=3: unknown recipe key trian"):
         load_recipe(None, ["trian.steps=3"])
+    # one key blamed, not two
+    with pytest.raises(
+        BadInput,
+        match=r"^--set loss\.temperature=0: recipe key loss\.temperature: must be > 0, got 0\.0$",
+    ):
+        load_recipe(None, ["loss.temperature=0"])
+    # an error that names no --set key is blamed on the recipe (here: the defaults)
+    with pytest.raises(BadInput, match=r"^defaults: recipe key loss\.temperature: 1\.0 differs"):
+        load_recipe(None, ["cache.temperature=0.5"])
 
 
 def test_defaults_come_from_the_schema():

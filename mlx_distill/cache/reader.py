@@ -110,10 +110,13 @@ class TokenCache:
 def open_shard(root: Path, shard: dict, *, check_sum: bool = True) -> dict[str, np.ndarray]:
     """Map one shard and check it against its manifest entry; BadInput naming the shard."""
     file = root / shard["file"]
+    repair = f"rebuild only the damaged shards: mlx-distill cache repair {root}"
     if not file.is_file():
-        raise BadInput(f"cache {root}: shard {shard['file']} is missing")
+        raise BadInput(f"cache {root}: shard {shard['file']} is missing; {repair}")
     if check_sum and fmt.file_sha256(file) != shard["sha256"]:
-        raise BadInput(f"cache {root}: shard {shard['file']} is corrupted (checksum mismatch)")
+        raise BadInput(
+            f"cache {root}: shard {shard['file']} is corrupted (checksum mismatch); {repair}"
+        )
     arrays, meta = fmt.read_shard(file)
     try:
         rows = int(meta["rows"])

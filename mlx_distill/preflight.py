@@ -1,0 +1,162 @@
+"""Every input a run reads, checked before any stage writes: one line per problem, exit 2.
+
+Data files (UTF-8, JSONL shape, with the line), tokenizer folders (JSON files, loading, chat
+template), model folders (config.json, safetensors weights) and the tokenizer agreement between
+student, teacher and `tokenizer.path`: token-level targets need one vocabulary, and a student's
+weights only make sense with the tokenizer they were trained with (its own folder for
+`student.init: pretrained`, the teacher's for `teacher_layers`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlx_distill.errors import BadInput
+from mlx_distill.recipe import STAGES, Recipe
+
+# Which stages read each data split.
+DATA_USERS = {
+    "train": {"tokenizer", "teacher", "cache", "distill", "baseline"},
+    "valid": {"teacher", "distill", "baseline"},
+    "test": {"eval"},
+}
+TRAINING = {"tokenizer", "teacher", "cache", "distill", "baseline"}
+
+
+def check_inputs(recipe: Recipe, stages: list[str]) -> None:
+    """Raise BadInput for the first bad input that the `stages` about to run would read."""
+    selected = set(stages)
+    for split, users in DATA_USERS.items():
+        if not users & selected:
+            continue
+        value = getattr(recipe.data, split)
+        if value is None:
+            if split == "valid":
+                continue  # optional
+            used_by = ", ".join(s for s in STAGES if s in users & selected)
+            raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
+        check_data_file(f"data.{split}", Path(value))
+    if selected & TRAINING or "eval" in selected:
+        check_tokenizers(recipe, selected)
+
+
+def check_data_file(key: str, path: Path) -> None:
+    """A JSONL data file: present, UTF-8 on every line, every record of a known shape."""
+    from mlx_distill.text.data import read_jsonl
+
+    if not path.is_file():
+        raise BadInput(f"recipe key {key}: data file not found: {path}")
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(
+                    f"{path} line {lineno}: not UTF-8 (byte {line[e.start : e.start + 1]!r} at "
+                    f"column {e.start + 1}); save the file as UTF-8"
+                ) from None
+    read_jsonl(path)  # a malformed line fails here, naming file and line
+
+
+def _json_file(path: Path) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def check_tokenizer_folder(key: str, folder: Path):
+    """Load the tokenizer in `folder` (named by recipe key `key`); returns it.
+
+    Each JSON file is parsed first so a broken one is named with its line; a chat template that
+    does not render is named with its file.
+    """
+    from mlx_distill.text.tokenizer import load_tokenizer
+
+    if not folder.is_dir():
+        raise BadInput(f"recipe key {key}: folder not found: {folder}")
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    if not any((folder / n).is_file() for n in names[:2]):
+        raise BadInput(f"recipe key {key}: no tokenizer files (tokenizer.json) in {folder}")
+    for name in names:
+        if (folder / name).is_file():
+            _json_file(folder / name)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except BadInput:
+        raise
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BadInput(
+            f"recipe key {key}: cannot load the tokenizer in {folder}: {type(e).__name__}"
+            + (f": {detail}" if detail else "")
+        ) from None
+    if getattr(tokenizer, "chat_template", None):
+        source = "chat_template.jinja" if (folder / "chat_template.jinja").is_file() else None
+        source = folder / (source or "tokenizer_config.json")
+        try:
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}],
+                tokenize=False,
+            )
+        except Exception as e:
+            line = getattr(e, "lineno", None)
+            where = f" line {line}" if line else ""
+            message = getattr(e, "message", None) or str(e).splitlines()[0]
+            raise BadInput(
+                f"{source}{where}: the chat template does not render: {message}"
+            ) from None
+    return tokenizer
+
+
+def check_model_folder(key: str, folder: Path):
+    """An mlx-lm model folder: config.json (valid JSON), safetensors weights, a tokenizer."""
+    if not folder.is_dir():
+        raise BadInput(f"recipe key {key}: folder not found: {folder}")
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"recipe key {key}: not an mlx-lm model folder (no config.json): {folder}")
+    _json_file(folder / "config.json")
+    if not list(folder.glob("*.safetensors")):
+        raise BadInput(
+            f"recipe key {key}: no .safetensors weights in {folder} (weights are read only from "
+            "safetensors files)"
+        )
+    return check_tokenizer_folder(key, folder)
+
+
+def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
+    """Folders the selected stages read, and one vocabulary for student, teacher and recipe."""
+    from mlx_distill.text.tokenizer import vocab_hash
+
+    tok_path = recipe.tokenizer.path
+    recipe_tok = check_tokenizer_folder("tokenizer.path", Path(tok_path)) if tok_path else None
+    # The folders whose tokenizer must be the recipe's, with the reason.
+    owners: list[tuple[str, str, str]] = []  # (recipe key, folder, who)
+    local = recipe.teacher.kind == "local"
+    teacher_key = "teacher.path" if recipe.teacher.path else "teacher.init"
+    teacher_dir = (recipe.teacher.path or recipe.teacher.init) if local else None
+    student = recipe.student
+    teacher_users = {"teacher", "cache", "eval"}
+    if student.init == "teacher_layers":
+        teacher_users |= {"distill", "baseline"}
+    if teacher_dir and selected & (teacher_users | {"tokenizer"}):
+        owners.append((teacher_key, teacher_dir, "the teacher's"))
+    student_users = {"tokenizer", "distill", "baseline"}
+    if student.init == "pretrained" and student.path and selected & student_users:
+        owners.append(("student.path", student.path, "the student's (student.init pretrained)"))
+    for key, folder, who in owners:
+        owner_tok = check_model_folder(key, Path(folder))
+        if recipe_tok is None:
+            raise BadInput(
+                f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but "
+                f"{who} is in {folder}; set tokenizer.path: {folder}"
+            )
+        mine, theirs = vocab_hash(recipe_tok), vocab_hash(owner_tok)
+        if mine != theirs:
+            raise BadInput(
+                f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
+                f"not match {who} in {folder} ({theirs}); set tokenizer.path: {folder}"
+            )

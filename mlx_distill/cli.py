@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from mlx_distill.errors import BadInput
+from mlx_distill.errors import BadInput, StageIncomplete
 
 TEACH_STAGES = ["tokenizer", "teacher", "cache"]
 TRAIN_STAGES = ["distill", "baseline"]
@@ -241,6 +241,9 @@ def main() -> None:
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except StageIncomplete as e:
+        click.echo(f"stopped: {e}", err=True)
+        sys.exit(3)
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         sys.exit(130)

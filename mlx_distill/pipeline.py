@@ -81,117 +81,18 @@ def stage_tokenizer(ctx: Context) -> dict:
 
 
 def stage_teacher(ctx: Context) -> dict:
-    """Record a local teacher folder, or train the recipe's teacher."""
-    recipe, out = ctx.recipe, ctx.stage_dir("teacher")
-    out.mkdir(parents=True, exist_ok=True)
-    if recipe.teacher.kind == "gemini":
-        from mlx_distill.teachers.gemini import run_gemini_teacher
-        from mlx_distill.text.data import read_jsonl
+    """The teacher stage of the recipe's teacher kind (`teachers.base.TeacherKind.teach`)."""
+    from mlx_distill.teachers import teacher_kind
 
-        prompts = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
-        summary = run_gemini_teacher(
-            recipe, prompts, out / "records", retry_failed=ctx.retry_failed, progress=ctx.progress
-        )
-        (out / "teacher.json").write_text(
-            json.dumps({"kind": "gemini", "path": str(out / "records")})
-        )
-        return summary
-    tokenizer = _tokenizer(ctx)
-    if recipe.teacher.path:  # checked in the preflight: a model folder with the recipe's tokenizer
-        path = Path(recipe.teacher.path).resolve()
-        (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
-        return {"path": str(path), "trained": False}
-    from mlx_distill.models import build_model, num_params, save_model
-    from mlx_distill.train.trainer import train
-
-    if recipe.teacher.init:  # continued training of an earlier teacher
-        from mlx_distill.models import load_model
-
-        model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
-    else:
-        model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
-    examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
-    loader = _loader(ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size)
-    result = train(
-        model,
-        loader,
-        recipe.teacher.train,
-        None,
-        run="teacher",
-        metrics_path=ctx.run_dir / "metrics.jsonl",
-        ckpt_dir=ctx.run_dir / "checkpoints/teacher",
-        fingerprint=json.loads((out / "stage.json").read_text())["fingerprint"],
-        seed=recipe.seed,
-        progress=ctx.progress,
-        validate=_validator(ctx, tokenizer),
-    )
-    loader.close()
-    path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
-    (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path.resolve())}))
-    return {
-        "path": str(path),
-        "trained": True,
-        "parameters": num_params(model),
-        "seconds": round(result.seconds, 1),
-    }
-
-
-def _cache_expect(ctx: Context, tokenizer) -> dict:
-    from mlx_distill.text.tokenizer import template_hash, vocab_hash
-
-    c = ctx.recipe.cache
-    expect = {
-        "vocab_hash": vocab_hash(tokenizer),
-        "template_hash": template_hash(tokenizer),
-        "targets": c.targets,
-        "k": c.k,
-        "temperature": c.temperature,
-    }
-    if c.targets == "sample":
-        expect["samples"] = c.samples
-    return expect
+    ctx.stage_dir("teacher").mkdir(parents=True, exist_ok=True)
+    return teacher_kind(ctx.recipe.teacher.kind).teach(ctx)
 
 
 def stage_cache(ctx: Context) -> dict:
-    """Score the training sequences with the local teacher into the teacher cache."""
-    from mlx_distill.cache import build_token_cache
-    from mlx_distill.teachers.local import LocalTeacher
+    """The teacher's token targets for the student (`TeacherKind.build_cache`)."""
+    from mlx_distill.teachers import teacher_kind
 
-    recipe = ctx.recipe
-    tokenizer = _tokenizer(ctx)
-    if recipe.teacher.kind == "gemini":
-        # Sequence-level KD: the teacher's answers (thoughts in the reasoning span) are the data.
-        examples, _, coverage = _gemini_examples(ctx, tokenizer)
-        return {"examples": len(examples), **coverage}
-    teacher = LocalTeacher(_teacher_path(ctx))
-    examples = _examples(ctx, tokenizer, limit=recipe.data.max_train)
-    c = recipe.cache
-    manifest = build_token_cache(
-        teacher,
-        examples,
-        ctx.stage_dir("cache"),
-        targets=c.targets,
-        k=c.k,
-        samples=c.samples,
-        temperature=c.temperature,
-        batch_size=c.batch_size,
-        shard_rows=c.shard_rows,
-        seed=recipe.seed,
-        fingerprint=_cache_expect(ctx, tokenizer),
-        progress=ctx.progress,
-    )
-    return {"rows": manifest["rows"], "tokens": manifest["tokens"]}
-
-
-def _gemini_examples(ctx: Context, tokenizer):
-    from mlx_distill.teachers.gemini import records_to_examples
-
-    examples, targets, coverage = records_to_examples(
-        ctx.stage_dir("teacher") / "records", tokenizer, k=ctx.recipe.cache.k
-    )
-    if not examples:
-        raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")
-    return examples, targets, coverage
+    return teacher_kind(ctx.recipe.teacher.kind).build_cache(ctx)
 
 
 def _student(ctx: Context, tokenizer):
@@ -235,12 +136,11 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
             f"student vocab_size {config['vocab_size']} is smaller than the tokenizer's "
             f"{len(tokenizer.get_vocab())}"
         )
-    if use_cache and recipe.teacher.kind == "gemini":
-        # Trained with the recipe's loss on the teacher's text; the aligned log-prob targets
-        # are reported by the cache stage but not yet fed to the loss.
-        source = _gemini_examples(ctx, tokenizer)[0]
-    elif use_cache:
-        source = open_cache(ctx.stage_dir("cache"), expect=_cache_expect(ctx, tokenizer))
+    if use_cache:
+        from mlx_distill.teachers import teacher_kind
+
+        expect = teacher_kind(recipe.teacher.kind).cache_expect(ctx, tokenizer)
+        source = open_cache(ctx.stage_dir("cache"), expect=expect)
     else:
         source = _examples(ctx, tokenizer, limit=recipe.data.max_train)
     loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)

@@ -175,6 +175,9 @@ class TeacherConfig:
     )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3))
     gemini: GeminiConfig = field(default_factory=GeminiConfig)
+    # An API teacher stopped before every prompt was answered (max_cost, an interrupt) leaves
+    # the teacher stage incomplete; true lets the cache and distill stages use what it has.
+    allow_partial: bool = False
 
 
 @dataclass

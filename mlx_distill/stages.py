@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mlx_distill import __version__
 from mlx_distill.context import Context, read_stage
-from mlx_distill.errors import BadInput
+from mlx_distill.errors import BadInput, StageIncomplete
 from mlx_distill.recipe import STAGES, Recipe, fingerprint
 
 SECTIONS = {
@@ -48,6 +48,9 @@ OUTPUTS = {
     "distill": ("student", "student-q4", "student-q8", "checkpoints/distill"),
     "baseline": ("checkpoints/baseline",),
 }
+# Entries of a stage folder that starting over never deletes: an API teacher's paid-for answers
+# (their keys say which model and parameters made them; a rerun reads the ones it needs).
+KEEP = {"teacher": ("records",)}
 
 
 def _file_digest(path: str | None) -> str:
@@ -63,17 +66,25 @@ def _file_digest(path: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_inputs(recipe: Recipe) -> tuple[dict[str, str], dict[str, dict]]:
-    """(fingerprint, inputs) of every stage, upstream first; the inputs are what is hashed."""
+def stage_inputs(
+    recipe: Recipe, contents: dict[str, str] | None = None
+) -> tuple[dict[str, str], dict[str, dict]]:
+    """(fingerprint, inputs) of every stage, upstream first; the inputs are what is hashed.
+
+    The teacher section is what the teacher kind says its output depends on
+    (`TeacherKind.fingerprint_parts`: no cost caps, rate limits or endpoints). contents:
+    {stage: digest of what it produced} for stages whose output can grow under one
+    fingerprint (a teacher continued after a stop); the stages downstream hash it.
+    """
+    from mlx_distill.teachers import teacher_kind
+
     data_files = {k: _file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
-    teacher_files = {}
-    if recipe.teacher.kind == "local" and (recipe.teacher.path or recipe.teacher.init):
-        teacher_dir = Path(recipe.teacher.path or recipe.teacher.init)
-        for f in sorted(teacher_dir.glob("*.safetensors")) + [teacher_dir / "config.json"]:
-            teacher_files[f.name] = _file_digest(str(f))
+    teacher_section, teacher_files = teacher_kind(recipe.teacher.kind).fingerprint_parts(recipe)
+    contents = contents or {}
     prints: dict[str, str] = {}
     inputs: dict[str, dict] = {}
     resolved = recipe.to_dict()
+    resolved["teacher"] = teacher_section
     for name in STAGES:
         payload = {
             "stage": name,
@@ -81,6 +92,9 @@ def stage_inputs(recipe: Recipe) -> tuple[dict[str, str], dict[str, dict]]:
             "seed": recipe.seed,
             "upstream": {u: prints[u] for u in UPSTREAM[name]},
         }
+        produced = {u: contents[u] for u in UPSTREAM[name] if contents.get(u)}
+        if produced:
+            payload["upstream_content"] = produced
         if "data" in SECTIONS[name]:
             payload["data_files"] = data_files
         if name == "teacher":
@@ -93,6 +107,26 @@ def stage_inputs(recipe: Recipe) -> tuple[dict[str, str], dict[str, dict]]:
 def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
     """Fingerprint of every stage, upstream first."""
     return stage_inputs(recipe)[0]
+
+
+def _contents(ctx: Context) -> dict[str, str]:
+    """{stage: result["content"]} of the stages that report one."""
+    out = {}
+    for name in STAGES:
+        content = ((read_stage(ctx, name) or {}).get("result") or {}).get("content")
+        if content:
+            out[name] = content
+    return out
+
+
+def _rerun_why(ctx: Context, info: dict | None) -> str | None:
+    """Why a finished, current stage runs again: a partial result, or --retry-failed."""
+    result = (info or {}).get("result") or {}
+    if result.get("complete") is False:
+        return "partial (teacher.allow_partial), continuing"
+    if ctx.retry_failed and result.get("failed_prompts"):
+        return f"--retry-failed: asking the {result['failed_prompts']} failed prompts again"
+    return None
 
 
 def _write_stage(ctx: Context, name: str, info: dict) -> None:
@@ -116,7 +150,13 @@ def _versions() -> dict:
 
 
 def _clear(ctx: Context, name: str) -> None:
-    shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
+    keep = KEEP.get(name, ())
+    if keep and ctx.stage_dir(name).is_dir():
+        for entry in ctx.stage_dir(name).iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    else:
+        shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
     for extra in OUTPUTS.get(name, ()):
         shutil.rmtree(ctx.run_dir / extra, ignore_errors=True)
 
@@ -156,7 +196,8 @@ def why_stale(ctx: Context, name: str, prints: dict, inputs: dict) -> str:
     if previous is None:
         return f"the {name} stage has not run yet"
     if previous.get("fingerprint") == prints[name]:
-        return f"the {name} stage did not finish (status {previous.get('status')!r})"
+        why = f": {previous['error']}" if previous.get("error") else ""
+        return f"the {name} stage did not finish (status {previous.get('status')!r}{why})"
     old = previous.get("inputs")
     if not isinstance(old, dict):
         return f"the recipe or the data changed since {MADE[name]}"
@@ -257,11 +298,13 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             )
     selected = [s for s in enabled if not only or s in only]
     check_inputs(recipe, selected)
-    prints, inputs = stage_inputs(recipe)
+    contents = _contents(ctx)
+    prints, inputs = stage_inputs(recipe, contents)
 
     def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}
-        return previous.get("status") == "done" and previous.get("fingerprint") == prints[name]
+        done = previous.get("status") == "done" and previous.get("fingerprint") == prints[name]
+        return done and _rerun_why(ctx, previous) is None
 
     with RunLock(ctx.run_dir, log=ctx.log) as lock:
         lock.check()
@@ -271,10 +314,12 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             lock.claim()
             if not lock.inherited:  # a side process runs its parent's resolved recipe
                 _write_recipe(ctx)
-        return _run_selected(ctx, enabled, selected, prints, inputs, force, current)
+        return _run_selected(ctx, enabled, selected, prints, inputs, force, current, contents)
 
 
-def _run_selected(ctx, enabled, selected, prints, inputs, force, current) -> dict[str, str]:
+def _run_selected(
+    ctx, enabled, selected, prints, inputs, force, current, contents
+) -> dict[str, str]:
     from mlx_distill.pipeline import STAGE_FUNCTIONS
 
     outcome: dict[str, str] = {}
@@ -291,7 +336,11 @@ def _run_selected(ctx, enabled, selected, prints, inputs, force, current) -> dic
             ctx.log(f"[{name}] up to date (fingerprint {fp}), skipped")
             outcome[name] = "skipped"
             continue
-        resuming = previous is not None and previous.get("fingerprint") == fp and not done
+        rerun = _rerun_why(ctx, previous) if done else None
+        if rerun:
+            ctx.log(f"[{name}] {rerun}")
+        same = previous is not None and previous.get("fingerprint") == fp
+        resuming = same and (not done or rerun is not None)
         if not resuming or force:
             _clear(ctx, name)
         ctx.log(f"[{name}] {'resuming' if resuming and not force else 'running'}")
@@ -307,7 +356,8 @@ def _run_selected(ctx, enabled, selected, prints, inputs, force, current) -> dic
             with _blas_share(side is not None):
                 result = STAGE_FUNCTIONS[name](ctx) or {}
         except BaseException as e:
-            info.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            status = "incomplete" if isinstance(e, StageIncomplete) else "failed"
+            info.update(status=status, error=f"{type(e).__name__}: {e}"[:1000])
             _write_stage(ctx, name, info)
             if side is not None:
                 side.terminate()  # it checkpoints as it goes; a rerun resumes it
@@ -319,6 +369,11 @@ def _run_selected(ctx, enabled, selected, prints, inputs, force, current) -> dic
         _write_stage(ctx, name, info)
         ctx.log(f"[{name}] done in {info['seconds']:.1f}s")
         outcome[name] = "ran"
+        if result.get("content") and result["content"] != contents.get(name):
+            contents[name] = result["content"]  # what it made changed: so do downstream prints
+            new_prints, new_inputs = stage_inputs(ctx.recipe, contents)
+            prints.update(new_prints)
+            inputs.update(new_inputs)
     return outcome
 
 

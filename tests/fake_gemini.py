@@ -13,6 +13,10 @@ answering), `[malformedxN]` (200 with a broken body), `[dropxN]` (connection clo
 `[400]`, `[maxtokens]` (MAX_TOKENS, thoughts, no text), `[safety]` (SAFETY finish, no text),
 `[blocked]` (promptFeedback.blockReason, no candidates), `[avgonly]` (avgLogprobs only).
 Server-wide: `refuse_logprobs=True` answers any log-probs request with the Developer API's 400.
+Batch items honour `[429xN]`, `[500xN]`, `[503xN]` as per-item errors (counted per prompt).
+`tokenize` / `token_id` (callables) make the teacher tokenize answers with a real vocabulary
+and report its ids as `tokenId`s (as Gemini does with the Gemma 3 vocabulary); alternatives
+that are not a token of that vocabulary are left out.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def candidates_for(token: str, k: int, h: bytes) -> list[tuple[str, float]]:
     return [(t, float(__import__("math").log(p))) for t, p in zip(out, probs)]
 
 
-def generate_response(model: str, body: dict, seed: int = 0) -> dict:
+def generate_response(
+    model: str, body: dict, seed: int = 0, tokenize: Any = None, token_id: Any = None
+) -> dict:
     """A `GenerateContentResponse` body for one request, honouring the prompt's markers."""
     prompt = prompt_of(body)
     cfg = get(body, "generationConfig") or {}
@@ -95,7 +101,7 @@ def generate_response(model: str, body: dict, seed: int = 0) -> dict:
     else:
         sig = base64.b64encode(b"signature").decode()
         parts.append({"text": answer, "thoughtSignature": sig})
-    tokens = fake_tokens(answer) if finish == "STOP" else []
+    tokens = (tokenize or fake_tokens)(answer) if finish == "STOP" else []
     thought_tokens = len(fake_tokens(thought)) + 5
     cand: dict[str, Any] = {
         "content": {"role": "model", "parts": parts},
@@ -111,10 +117,14 @@ def generate_response(model: str, body: dict, seed: int = 0) -> dict:
             for i, tok in enumerate(tokens):
                 h = hashlib.sha256(f"{prompt}|{i}".encode()).digest()
                 cands = candidates_for(tok, max(k, 1), h)
+                if token_id is not None:
+                    cands = [c for i, c in enumerate(cands) if i == 0 or token_id(c[0]) is not None]
                 entries = [
                     {
                         "token": t,
-                        "tokenId": int.from_bytes(hashlib.sha256(t.encode()).digest()[:3]),
+                        "tokenId": token_id(t)
+                        if token_id is not None
+                        else int.from_bytes(hashlib.sha256(t.encode()).digest()[:3]),
                         "logProbability": lp,
                     }
                     for t, lp in cands
@@ -165,7 +175,11 @@ class FakeGemini:
         batch_final_state: str = "BATCH_STATE_SUCCEEDED",
         batch_output: str = "inline",  # or "file": results in a downloadable JSONL file
         seed: int = 0,
+        tokenize: Any = None,
+        token_id: Any = None,
     ) -> None:
+        self.tokenize = tokenize
+        self.token_id = token_id
         self.key = key
         self.retry_delay = retry_delay
         self.hang_s = hang_s
@@ -215,7 +229,12 @@ class FakeGemini:
             request = get(entry, "request") or {}
             meta = get(entry, "metadata") or {}
             prompt = prompt_of(request)
-            if "[400]" in prompt:
+            fault = self.fault(prompt) if _FAULT.search(prompt) else None
+            if fault in ("429", "500", "503"):
+                results.append(
+                    {"error": {"code": int(fault), "message": "Try again."}, "metadata": meta}
+                )
+            elif "[400]" in prompt:
                 results.append(
                     {"error": {"code": 400, "message": "Invalid request."}, "metadata": meta}
                 )
@@ -231,7 +250,9 @@ class FakeGemini:
                     self.answered[prompt] += 1
                 results.append(
                     {
-                        "response": generate_response(job["model"], request, self.seed),
+                        "response": generate_response(
+                            job["model"], request, self.seed, self.tokenize, self.token_id
+                        ),
                         "metadata": meta,
                     }
                 )
@@ -390,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
         cfg = get(body, "generationConfig") or {}
         if fake.refuse_logprobs and get(cfg, "responseLogprobs"):
             return self._send(400, error_body(400, "INVALID_ARGUMENT", _LOGPROBS_400.format(model)))
-        response = generate_response(model, body, fake.seed)
+        response = generate_response(model, body, fake.seed, fake.tokenize, fake.token_id)
         with fake.lock:
             fake.answered[prompt] += 1
         self._send(200, response)

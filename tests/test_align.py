@@ -222,7 +222,7 @@ def test_records_to_examples_masks_reply_and_aligns(kind, tmp_path, monkeypatch)
         # Where a student token is exactly the teacher's chosen token at the same character,
         # the top target is that student token with the teacher's log-prob.
         at, chosen = full.rfind(record["text"]), {}
-        for token, lp, _ in record["tokens"]:
+        for token, lp, *_ in record["tokens"]:
             chosen[at] = (token, lp)
             at += len(token)
         exact = 0

@@ -127,6 +127,28 @@ def encode_topk(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, ranges
 
 
+def encode_topk_ragged(logprobs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_topk` for positions with different entry counts (0 allowed).
+
+    logprobs (E,) flat, each position's entries sorted descending; counts (P,) ->
+    codes (E,) uint8, ranges (P, 2) float16 (zeros for a position without entries).
+    """
+    lp = np.asarray(logprobs, dtype=np.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    first = np.cumsum(counts) - counts
+    has = counts > 0
+    ranges = np.zeros((len(counts), 2), dtype=np.float16)
+    ranges[has, 0] = lp[first[has]]
+    ranges[has, 1] = lp[first[has] + counts[has] - 1]
+    hi = np.repeat(ranges[:, 0].astype(np.float32), counts)
+    span = np.maximum(hi - np.repeat(ranges[:, 1].astype(np.float32), counts), 1e-12)
+    r = np.clip((hi - lp) / span, 0.0, 1.0)
+    codes = np.rint(np.sqrt(r) * CODE_LEVELS).astype(np.uint8)
+    codes[first[has]] = 0
+    codes[first[has] + counts[has] - 1] = CODE_LEVELS
+    return codes, ranges
+
+
 def decode_topk(
     codes: np.ndarray, ranges: np.ndarray, counts: np.ndarray, scheme: str = TOPK_SCHEMES[0]
 ) -> np.ndarray:

@@ -14,8 +14,11 @@ grouped by the caller), while a file per response would mean millions of files a
 batch would lose everything not yet rolled into a batch. A SIGKILL can only tear the last line of
 the last shard: the line checksum exposes it and the next writer truncates it away (that response
 was never counted as done, so it is simply asked again). Records are found by key, a hash of
-(model, generation parameters, prompt); the newest row for a key wins, and an "ok" row is never
-followed by another row for the same key, so nothing is stored twice.
+(model, the generation parameters that change an answer, prompt); the newest row for a key wins,
+and an "ok" row is never followed by another row for the same key, so nothing is stored twice.
+One store holds the records of every model and parameter set a run has used: a record made with
+other parameters is kept (it was paid for) and simply not read by a run that does not ask for its
+key. Operational settings (cost cap, rate limits, timeouts, retries, endpoint) are in no key.
 
 The manifest is derived data (shard sizes, sha256 of their sealed prefix, usage and cost
 tallies); it is rewritten atomically (temp file, fsync, rename) and rebuilt from the shards on
@@ -109,8 +112,8 @@ def _usage_add(total: dict[str, int], usage: dict[str, Any] | None) -> None:
 class RecordStore:
     """The writer side of a records directory; one per process (a file lock enforces it).
 
-    `teacher` is {"id": ..., "params": ...}; reopening with a different teacher is refused,
-    because records of two teachers must not be mixed into one training set.
+    `teacher` is {"id": ..., "params": ...} of the run that opens it, noted in the manifest; a
+    store opened by another model or parameter set keeps its records (keys tell them apart).
     """
 
     def __init__(self, path: str | Path, teacher: dict[str, Any], *, shard_rows: int = SHARD_ROWS):
@@ -125,13 +128,11 @@ class RecordStore:
         except BlockingIOError:
             self._lock_file.close()
             raise BadInput(f"{self.path}: another process is writing this cache") from None
-        old = _read_manifest(self.path) if (self.path / MANIFEST).exists() else None
-        if old is not None and old.get("teacher") != teacher:
+        try:
+            old = _read_manifest(self.path) if (self.path / MANIFEST).exists() else None
+        except BadInput:
             self._lock_file.close()
-            raise BadInput(
-                f"{self.path}: made by teacher {old.get('teacher')}, not {teacher}; "
-                "use another cache directory"
-            )
+            raise
         self.meta: dict[str, Any] = dict(old.get("meta", {})) if old else {}
         self.records: dict[str, dict[str, Any]] = {}
         self.rows = 0
@@ -284,10 +285,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path, keys: list[str] | None = None) -> list[dict[str, Any]]:
     """The current record per key (in first-written order), without taking the writer lock.
 
-    A torn final line (a writer killed mid-append) is skipped: that response never counted as done.
+    keys: only these, in this order (those never asked are left out). A torn final line (a
+    writer killed mid-append) is skipped: that response never counted as done.
     """
     path = Path(path)
     _read_manifest(path)
@@ -300,6 +302,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             prev = latest.get(record["key"])
             if prev is None or prev.get("status") != "ok":
                 latest[record["key"]] = record
+    if keys is not None:
+        return [latest[k] for k in keys if k in latest]
     return list(latest.values())
 
 

@@ -187,7 +187,12 @@ def encode_shard(
         "counts": counts.astype(np.uint8 if max_count <= 255 else np.uint16),
         "ids": fmt.pack_ids(ids, fmt.id_bits(vocab_size)),
     }
-    if targets == "topk":
+    if targets == "topk" and counts.size and (max_count == 0 or (counts != max_count).any()):
+        # Ragged rows (a Gemini teacher's aligned targets: 0..k entries per position).
+        codes, ranges = fmt.encode_topk_ragged(lps, counts)
+        arrays["codes"] = codes
+        arrays["ranges"] = ranges
+    elif targets == "topk":
         width = max_count
         codes, ranges = fmt.encode_topk(lps.reshape(-1, width) if width else lps.reshape(0, 1))
         arrays["codes"] = codes.reshape(-1)

@@ -1,5 +1,12 @@
 """Teachers: a local mlx-lm model (`local.py`) or Google Gemini (`gemini.py`)."""
 
-from mlx_distill.teachers.base import Completion, Teacher, TokenCandidates
+from mlx_distill.teachers.base import (
+    KINDS,
+    Completion,
+    Teacher,
+    TeacherKind,
+    TokenCandidates,
+    teacher_kind,
+)
 
-__all__ = ["Completion", "Teacher", "TokenCandidates"]
+__all__ = ["KINDS", "Completion", "Teacher", "TeacherKind", "TokenCandidates", "teacher_kind"]

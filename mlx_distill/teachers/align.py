@@ -8,6 +8,12 @@ their character offsets; the student's tokens come with theirs. Where a student 
 the same character as a teacher token (an aligned position), every teacher candidate whose
 string is exactly one student token becomes a sparse target at the student position that
 predicts that token. Everything else is left to the loss's tail bucket (1 - covered mass).
+
+Exact ids. Gemini 2.x/3 tokenize with the Gemma 3 vocabulary, so for a student that shares it a
+candidate's `tokenId` is the student's id. That is not assumed: `exact_ids` checks every
+candidate's id against its token string in the student's vocabulary, and only when all agree are
+the ids used as they are (then a candidate counts even where its string is not the first piece
+with that text, e.g. a byte-fallback piece).
 """
 
 from __future__ import annotations
@@ -120,7 +126,8 @@ def encode_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int
 def _token_starts(answer: str, tokens: list) -> dict[int, int]:
     """Character offset in `answer` -> teacher step, for the prefix where the tokens spell it."""
     starts, pos = {}, 0
-    for i, (token, _, _) in enumerate(tokens):
+    for i, step in enumerate(tokens):
+        token = step[0]
         if not token or not answer.startswith(token, pos):
             break  # the teacher's tokens stop spelling the answer: align no further
         starts[pos] = i
@@ -137,12 +144,14 @@ def align_targets(
     spans: list[tuple[int, int]],
     strings: list[str | None],
     k: int,
+    exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Sparse student targets from teacher candidates.
 
     text: the full student sequence; the answer is text[answer_start : answer_start+len(answer)].
-    tokens: teacher steps [[token, logprob, [[candidate, logprob], ...]], ...] over the answer.
-    ids, spans: the student tokenization of `text` with character spans; strings: piece_strings.
+    tokens: teacher steps [[token, logprob, [[candidate, logprob(, id)], ...](, id)], ...] over
+    the answer. ids, spans: the student tokenization of `text` with character spans; strings:
+    piece_strings. exact: candidate ids are student ids (checked by `exact_ids`).
     Returns ids (T, k) int32, logprobs (T, k) float32 (row t predicts ids[t+1]; empty slots
     have id 0 and -inf) and {"positions", "covered", "mass"} over the answer's student tokens.
     """
@@ -167,12 +176,15 @@ def align_targets(
         step = starts.get(start - answer_start)
         if step is None:
             continue
-        token, logprob, alternatives = tokens[step]
+        token, logprob, alternatives = tokens[step][:3]
+        chosen_id = tokens[step][3] if len(tokens[step]) > 3 else None
         merged: dict[int, float] = {}
-        seen = {c for c, _ in alternatives}
-        candidates = list(alternatives) + ([[token, logprob]] if token not in seen else [])
-        for cand, lp in candidates:
-            sid = lookup.get(cand)
+        seen = {c[0] for c in alternatives}
+        chosen = [[token, logprob, chosen_id]] if token not in seen else []
+        for cand in list(alternatives) + chosen:
+            lp = cand[1]
+            cid = cand[2] if len(cand) > 2 else None
+            sid = cid if exact and cid is not None else lookup.get(cand[0])
             if sid is not None:  # the candidate is exactly one student token
                 old = merged.get(sid)
                 merged[sid] = lp if old is None else float(np.logaddexp(old, lp))
@@ -184,6 +196,27 @@ def align_targets(
         stats["covered"] += 1
         stats["mass"] += min(1.0, sum(math.exp(lp) for _, lp in best))
     return out_ids, out_lps, stats
+
+
+def _same_piece(token: str, piece: str | None) -> bool:
+    return piece is not None and token.replace("\u2581", " ") == piece
+
+
+def exact_ids(records: list[dict[str, Any]], strings: list[str | None]) -> dict[str, int]:
+    """{"checked", "agree"}: candidates with a `tokenId` whose student piece spells the same
+    text. The ids are the student's when checked > 0 and agree == checked."""
+    checked = agree = 0
+    for record in records:
+        for step in record.get("tokens") or []:
+            pairs = [(c[0], c[2]) for c in step[2] if len(c) > 2]
+            if len(step) > 3:
+                pairs.append((step[0], step[3]))
+            for token, cid in pairs:
+                if cid is None:
+                    continue
+                checked += 1
+                agree += 0 <= cid < len(strings) and _same_piece(token, strings[cid])
+    return {"checked": checked, "agree": agree}
 
 
 def reply_text(record: dict[str, Any], think_open: str, think_close: str) -> str:
@@ -201,8 +234,10 @@ def records_to_examples(
     think_open: str = "<think>",
     think_close: str = "</think>",
     k: int = 20,
+    keys: list[str] | None = None,
 ):
-    """(examples, targets, coverage) from the answered, untruncated records at `out_dir`.
+    """(examples, targets, coverage) from the answered, untruncated records at `out_dir`
+    (only those with `keys`, in that order, when given).
 
     examples: list[TokenizedExample], mask on the assistant reply and its end-of-turn token.
     targets: per example (ids (T, k) int32, logprobs (T, k) float32) or None without log-probs.
@@ -217,7 +252,13 @@ def records_to_examples(
     totals = {"positions": 0.0, "covered": 0.0, "mass": 0.0}
     skipped = 0
     with_logprobs = 0
-    for record in read_records(out_dir):
+    records = read_records(out_dir, keys)
+    exact = {"checked": 0, "agree": 0}
+    if any(r.get("tokens") for r in records):
+        strings = piece_strings(tokenizer)
+        exact = exact_ids(records, _raw_piece_strings(tokenizer)[0])
+    use_ids = exact["checked"] > 0 and exact["agree"] == exact["checked"]
+    for record in records:
         if record.get("status") != "ok" or record.get("finish_reason") != "stop":
             skipped += 1  # failed, or cut off at max_output_tokens: not worth imitating
             continue
@@ -263,7 +304,7 @@ def records_to_examples(
             strings = piece_strings(tokenizer)
         with_logprobs += 1
         t_ids, t_lps, stats = align_targets(
-            full, answer_at, record["text"], record["tokens"], ids, spans, strings, k
+            full, answer_at, record["text"], record["tokens"], ids, spans, strings, k, use_ids
         )
         targets.append((t_ids, t_lps))
         for name in totals:
@@ -277,5 +318,9 @@ def records_to_examples(
         "covered_positions": int(totals["covered"]),
         "position_fraction": totals["covered"] / positions if positions else 0.0,
         "mass_fraction": totals["mass"] / positions if positions else 0.0,
+        # teacher ids checked against the student's pieces; all agree: ids used as they are
+        "ids_checked": exact["checked"],
+        "ids_agree": exact["agree"],
+        "exact_ids": use_ids,
     }
     return examples, targets, coverage

@@ -78,8 +78,12 @@ def run_batch(
     jobs_dir = store.path / "batches"
     jobs_dir.mkdir(exist_ok=True)
     stopped = None
+    rounds = cfg.max_retries + 2  # one more than the retries: a log-probs refusal costs a round
     try:
-        for _ in range(2):  # a second round only resubmits prompts that lost their log-probs
+        for round_ in range(rounds):
+            # Later rounds resubmit only prompts that came back without an answer for a passing
+            # reason: a 429/5xx item error, or a request that lost its log-probs to a refusal.
+            final = round_ == rounds - 1
             jobs = [j for j in store.meta.get("batch_jobs", []) if not j.get("ingested")]
             covered = {k for j in jobs for k in _load_items(jobs_dir, j)}
             pending = [(k, it) for k, it in todo if store.status(k) != "ok" and k not in covered]
@@ -91,12 +95,14 @@ def run_batch(
                 jobs.append(_submit(client, cfg, store, jobs_dir, chunk, state, progress))
             if not jobs:
                 break
-            had_logprobs = state.logprobs
             for job in jobs:
-                _finish(client, cfg, store, jobs_dir, job, state, progress)
-            if had_logprobs == state.logprobs:
-                break
+                _finish(client, cfg, store, jobs_dir, job, state, progress, final=final)
             todo = [(k, it) for k, it in todo if store.status(k) is None]
+            if not todo or stopped:
+                break
+            if progress:
+                print(f"gemini batch: {len(todo)} prompts to resubmit", file=sys.stderr)
+            time.sleep(backoff(round_, cfg.backoff_base_s, cfg.backoff_max_s))
     finally:
         client.close()
     return stopped
@@ -155,8 +161,9 @@ def _call(cfg: GeminiConfig, fn):
     raise AssertionError("unreachable")
 
 
-def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
-    """Poll one job to a terminal state and ingest its results."""
+def _finish(client, cfg, store, jobs_dir, job, state, progress, *, final=True) -> None:
+    """Poll one job to a terminal state and ingest its results (transient item errors are left
+    unanswered for the next round unless `final`)."""
     if job["name"] is None:  # created but the name was never stored: find it by display name
         found = [
             j for j in _call(cfg, lambda: list(client.batches.list()))
@@ -183,7 +190,7 @@ def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
     items = _load_items(jobs_dir, job)
     results: dict[str, dict] = {}
     if state_name in ("SUCCEEDED", "PARTIALLY_SUCCEEDED") and remote.dest is not None:
-        results = _results(client, cfg, remote.dest, state, job.get("logprobs", 0))
+        results = _results(client, cfg, remote.dest, state, job.get("logprobs", 0), final)
     else:
         why = getattr(getattr(remote, "error", None), "message", None) or ""
         reason = f"batch job {job['name']} {state_name} {why}".strip()
@@ -194,7 +201,7 @@ def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
             continue
         fields = results.get(key)
         if fields is _RESUBMIT:
-            continue  # left unanswered: the next round asks it again without log-probs
+            continue  # left unanswered: the next round asks it again
         if fields is None:
             fields = {**failed_fields("missing from the batch output"), "attempts": 1}
         rows.append(make_record(key, item, fields, "batch"))
@@ -203,10 +210,10 @@ def _finish(client, cfg, store, jobs_dir, job, state, progress) -> None:
     _set_job(store, job)
 
 
-_RESUBMIT: dict = {}  # marks a result lost to a log-probs refusal: asked again without them
+_RESUBMIT: dict = {}  # a result lost to a passing error or a log-probs refusal: asked again
 
 
-def _results(client, cfg, dest, state: RunState, logprobs: int) -> dict[str, dict]:
+def _results(client, cfg, dest, state: RunState, logprobs: int, final: bool) -> dict[str, dict]:
     """key -> record fields, from inline responses or a downloaded JSONL results file."""
     from google.genai import types
 
@@ -242,13 +249,16 @@ def _results(client, cfg, dest, state: RunState, logprobs: int) -> dict[str, dic
             continue
         message = str((error or {}).get("message", "unknown error"))
         if logprobs and "logprob" in message.lower():
-            if state.logprobs:
-                state.logprobs = False
-                state.logprobs_note = redact(f"{(error or {}).get('code')} {message}")
+            state.refuse_logprobs(redact(f"{(error or {}).get('code')} {message}"))
             out[key] = _RESUBMIT
             continue
+        code = (error or {}).get("code")
+        code = int(code) if str(code).isdigit() else code  # a results file may carry "503"
+        if not final and code in RETRYABLE_CODES:
+            out[key] = _RESUBMIT  # 429/5xx on one item: transient, resubmitted next round
+            continue
         out[key] = {
-            **failed_fields(redact(f"{(error or {}).get('code')}: {message}")),
+            **failed_fields(redact(f"{code}: {message}")),
             "attempts": 1,
         }
     return out

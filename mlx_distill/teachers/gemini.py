@@ -18,7 +18,7 @@ from typing import Any
 
 from mlx_distill.cache.records import RecordStore, record_key
 from mlx_distill.errors import BadInput
-from mlx_distill.recipe import GeminiConfig
+from mlx_distill.recipe import GeminiConfig, fingerprint
 from mlx_distill.teachers.base import Completion, TokenCandidates
 from mlx_distill.teachers.gemini_client import (
     RunState,
@@ -68,14 +68,76 @@ class GeminiTeacher:
         self.logprobs_note = state.logprobs_note
         return [to_completion(p, r) for p, r in zip(prompts, results)]
 
+    # -- the stages' interface (teachers.base.TeacherKind) ------------------------------------
+
+    @classmethod
+    def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        # What an answer depends on, and nothing else: a changed max_cost, rate limit, timeout,
+        # retry policy, endpoint, batch mode or poll interval must not re-ask paid prompts.
+        return {"kind": "gemini", **teacher_identity(recipe.teacher.gemini)}, {}
+
+    @classmethod
+    def teach(cls, ctx: Any) -> dict[str, Any]:
+        import json
+
+        from mlx_distill.errors import StageIncomplete
+        from mlx_distill.text.data import read_jsonl
+
+        recipe, out = ctx.recipe, ctx.stage_dir("teacher")
+        prompts = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
+        summary = run_gemini_teacher(
+            recipe, prompts, out / "records", retry_failed=ctx.retry_failed, progress=ctx.progress
+        )
+        info = {"kind": "gemini", "path": str(out / "records")}
+        (out / "teacher.json").write_text(json.dumps(info))
+        if not summary["complete"]:
+            message = partial_message(summary, recipe)
+            if not recipe.teacher.allow_partial:
+                raise StageIncomplete(message)
+            ctx.log(f"[teacher] {message}; teacher.allow_partial is true: going on with them")
+        elif summary["failed_prompts"]:
+            ctx.log(
+                f"[teacher] {summary['failed_prompts']} prompts failed (reasons in stage.json); "
+                "`mlx-distill teach RECIPE --retry-failed` asks exactly those again"
+            )
+        return summary
+
+    @classmethod
+    def build_cache(cls, ctx: Any) -> dict[str, Any]:
+        from mlx_distill.teachers.gemini_cache import build_gemini_cache
+
+        return build_gemini_cache(ctx)
+
+    @classmethod
+    def cache_expect(cls, ctx: Any, tokenizer: Any) -> dict[str, Any]:
+        from mlx_distill.teachers.gemini_cache import gemini_cache_expect
+
+        return gemini_cache_expect(ctx, tokenizer)
+
+
+def partial_message(summary: dict[str, Any], recipe: Any) -> str:
+    """What a partial teach has, why it stopped and how to continue, in one line."""
+    cfg = recipe.teacher.gemini
+    why = ""
+    more = ""
+    if summary.get("stopped") == "max_cost":
+        why = f" (stopped at max_cost ${cfg.max_cost:g}, ${summary['total_cost_usd']:.4f} spent)"
+        more = " after raising teacher.gemini.max_cost (e.g. --set teacher.gemini.max_cost=...)"
+    return (
+        f"teacher incomplete: {summary['answered']} of {summary['unique']} prompts answered, "
+        f"{summary['unasked']} not asked{why}; rerun `mlx-distill teach RECIPE`{more} to ask only "
+        "those (answered prompts are never asked again), or set teacher.allow_partial: true to "
+        "train on the answers so far"
+    )
+
 
 def to_completion(prompt: str, record: dict[str, Any]) -> Completion:
     """A `Completion` from a record (or the record fields `ask` returns)."""
     tokens = None
     if record.get("tokens"):
         tokens = [
-            TokenCandidates(token=t, logprob=lp, candidates=[(c, clp) for c, clp in alts])
-            for t, lp, alts in record["tokens"]
+            TokenCandidates(token=t[0], logprob=t[1], candidates=[(c[0], c[1]) for c in t[2]])
+            for t in record["tokens"]
         ]
     return Completion(
         prompt=prompt,
@@ -107,31 +169,57 @@ def _check_prompts(prompts: list[dict]) -> None:
             raise BadInput(f"prompt {i}: the 'prompt' field is empty")
 
 
-def _estimate(cfg: GeminiConfig, store: RecordStore, todo: list[tuple[str, dict]]) -> str:
-    """The one-paragraph cost estimate printed before the first request."""
+def _estimate(
+    cfg: GeminiConfig, store: RecordStore, todo: list[tuple[str, dict]], answered: int
+) -> str:
+    """The one-paragraph cost estimate printed before the first request.
+
+    The bound assumes every answer runs to max_output_tokens; with `max_cost` it is capped by
+    what is left under the cap, plus what the requests in flight when it is reached can add
+    (each finishes and is paid for): at most max_in_flight requests at the per-request bound.
+    """
     price = model_price(cfg.model)
     batch = cfg.batch
     chars = sum(len(item["prompt"]) + len(cfg.system_instruction or "") for _, item in todo)
     est_in = int(chars / 4)  # ~4 characters per token for English text
     done = [r for r in store.records.values() if r.get("usage", {}).get("answer")]
     head = (
-        f"gemini teacher: {len(todo)} prompts to ask ({store.counts()['ok']} already answered), "
+        f"gemini teacher: {len(todo)} prompts to ask ({answered} already answered), "
         f"model {cfg.model}{' via the Batch API' if batch else ''}"
     )
     if price is None:
         return f"{head}; no price for this model in prices.json: cost unknown"
     cap = {"prompt": est_in, "answer": cfg.max_output_tokens * len(todo)}
-    line = (
-        f"{head}; prices of {price_table()['as_of']}: ~{est_in} input tokens, "
-        f"cost at most ${cost_usd(cap, price, batch=batch):.4f} (every answer at "
-        f"max_output_tokens={cfg.max_output_tokens})"
-    )
+    bound = cost_usd(cap, price, batch=batch)
+    line = f"{head}; prices of {price_table()['as_of']}: ~{est_in} input tokens, "
+    if cfg.max_cost is not None:
+        per_request = bound / len(todo) if todo else 0.0
+        overshoot = per_request * min(cfg.max_in_flight, len(todo))
+        left = max(0.0, cfg.max_cost - store.cost_usd)
+        if left < bound:
+            line += (
+                f"cost at most ${left + overshoot:.4f}, capped by max_cost ${cfg.max_cost:g} "
+                f"(${store.cost_usd:.4f} spent so far; the stop may overshoot the cap by the "
+                f"{min(cfg.max_in_flight, len(todo))} requests in flight, at most "
+                f"${overshoot:.4f}; uncapped: ${bound:.4f})"
+            )
+        else:
+            line += f"cost at most ${bound:.4f} (under max_cost ${cfg.max_cost:g})"
+    else:
+        line += f"cost at most ${bound:.4f}"
+    line += f" (every answer at max_output_tokens={cfg.max_output_tokens})"
     if done:
         out = sum(r["usage"]["answer"] + r["usage"].get("thoughts", 0) for r in done) / len(done)
         typical = {"prompt": est_in, "answer": int(out * len(todo))}
         typical_usd = cost_usd(typical, price, batch=batch)
         line += f", ~${typical_usd:.4f} at the {out:.0f} output tokens per answer seen so far"
     return line
+
+
+def logprobs_refused(store_meta: dict[str, Any], model: str) -> str | None:
+    """The stored log-probs refusal for `model` (a plain string from older runs: any model)."""
+    note = store_meta.get("logprobs_disabled")
+    return note.get(model) if isinstance(note, dict) else note
 
 
 def run_gemini_teacher(
@@ -146,8 +234,9 @@ def run_gemini_teacher(
 
     prompts: [{"prompt": str, "id"?: str, "answer"?: reference answer}, ...]. Prompts already
     answered are skipped; failed ones too unless `retry_failed`. Identical prompts are asked once.
-    Returns {"prompts", "unique", "done", "failed", "skipped", "stopped", "tokens", "cost_usd",
-    "total_cost_usd", "logprobs_disabled", "failures": {reason: count}}.
+    Returns {"prompts", "unique", "done", "failed" (this run), "answered", "failed_prompts",
+    "unasked" (all stored records for these prompts), "complete", "stopped", "tokens",
+    "cost_usd", "total_cost_usd", "logprobs_disabled", "failures": {reason: count}, "content"}.
     """
     cfg: GeminiConfig = recipe.teacher.gemini
     api_key()
@@ -178,9 +267,17 @@ def run_gemini_teacher(
                 skipped += 1
             else:
                 todo.append((key, item))
-        print(_estimate(cfg, store, todo), file=sys.stderr, flush=True)
-        logprobs = cfg.logprobs > 0 and not store.meta.get("logprobs_disabled")
+        answered_before = sum(store.status(k) == "ok" for k in unique)
+        print(_estimate(cfg, store, todo, answered_before), file=sys.stderr, flush=True)
+        logprobs = cfg.logprobs > 0 and not logprobs_refused(store.meta, model)
         state = RunState(cfg, Limiter(cfg.rpm, cfg.tpm), logprobs, batch=cfg.batch)
+
+        def remember_refusal(note: str) -> None:
+            old = store.meta.get("logprobs_disabled")
+            refused = dict(old) if isinstance(old, dict) else {}
+            store.set_meta(logprobs_disabled={**refused, model: note})
+
+        state.on_logprobs_refused = remember_refusal
         start_cost = store.cost_usd
         started = time.time()
         if cfg.batch:
@@ -189,8 +286,6 @@ def run_gemini_teacher(
             stopped = run_batch(cfg, store, todo, state, progress=progress)
         else:
             stopped = asyncio.run(_run_online(cfg, store, todo, state, start_cost, progress))
-        if state.logprobs_note and not store.meta.get("logprobs_disabled"):
-            store.set_meta(logprobs_disabled=state.logprobs_note)
         failures: dict[str, int] = {}
         done = failed = 0
         for key, _ in todo:
@@ -202,6 +297,9 @@ def run_gemini_teacher(
             else:
                 failed += 1
                 failures[record["error"]] = failures.get(record["error"], 0) + 1
+        statuses = [store.status(key) for key in unique]
+        answered = sorted(k for k in unique if store.status(k) == "ok")
+        unasked = statuses.count(None)
         summary = {
             "out_dir": str(out_dir),
             "prompts": len(prompts),
@@ -210,12 +308,18 @@ def run_gemini_teacher(
             "failed": failed,
             "skipped": skipped,
             "not_asked": len(todo) - done - failed,
+            "answered": len(answered),
+            "failed_prompts": statuses.count("failed"),
+            "unasked": unasked,
+            "complete": unasked == 0,
             "stopped": stopped,
             "tokens": state.tokens,
             "cost_usd": round(store.cost_usd - start_cost, 9),
             "total_cost_usd": round(store.cost_usd, 9),
-            "logprobs_disabled": store.meta.get("logprobs_disabled"),
+            "max_cost": cfg.max_cost,
+            "logprobs_disabled": logprobs_refused(store.meta, model),
             "failures": failures,
+            "content": fingerprint(answered),  # which answers the cache stage will read
         }
     if state.logprobs_note:
         print(
@@ -292,9 +396,11 @@ async def _run_online(
         await client.aio.aclose()
         client.close()
     if shared["stopped"] == "max_cost" or (queue and over_budget()):
+        spent = start_cost + state.cost
         print(
-            f"gemini teacher: stopped at max_cost ${cfg.max_cost:g} "
-            f"(spent ${start_cost + state.cost:.4f}); {len(queue)} prompts not asked",
+            f"gemini teacher: stopped at max_cost ${cfg.max_cost:g} (spent ${spent:.4f}, "
+            f"${max(0.0, spent - cfg.max_cost):.4f} over the cap from the requests that were in "
+            f"flight, at most {cfg.max_in_flight}); {len(queue)} prompts not asked",
             file=sys.stderr,
         )
         return "max_cost"

@@ -117,7 +117,8 @@ def usage_of(response: Any) -> dict[str, int]:
 
 def parse_response(response: Any) -> dict[str, Any]:
     """Record fields from a `GenerateContentResponse`: status, text, thoughts, finish reason,
-    usage, per-token candidates [[token, logprob, [[alt, logprob], ...]], ...] and error."""
+    usage, per-token candidates [[token, logprob, [[alt, logprob, alt_id], ...], token_id], ...]
+    (ids are the teacher's `tokenId`s, None where the API leaves them out) and error."""
     out: dict[str, Any] = {
         "status": "ok",
         "text": "",
@@ -160,7 +161,8 @@ def parse_response(response: Any) -> dict[str, Any]:
                 [
                     chosen.token or "",
                     float(chosen.log_probability or 0.0),
-                    [[c.token or "", float(c.log_probability or 0.0)] for c in alts],
+                    [[c.token or "", float(c.log_probability or 0.0), c.token_id] for c in alts],
+                    chosen.token_id,
                 ]
             )
         out["tokens"] = tokens
@@ -204,10 +206,21 @@ class RunState:
     cost: float = 0.0
     price: dict[str, Any] | None = None
     batch: bool = False
+    # Called once with the note on the first log-probs refusal, so the caller stores it durably
+    # at once (a kill right after must not meet the 400 again).
+    on_logprobs_refused: Any = None
 
     def __post_init__(self) -> None:
         self.price = model_price(self.cfg.model)
         self.avg_out_tokens = float(min(self.cfg.max_output_tokens, 1024))
+
+    def refuse_logprobs(self, note: str) -> None:
+        """The first log-probs 400 of the run: stop asking for them and report it once."""
+        if self.logprobs:
+            self.logprobs = False
+            self.logprobs_note = note
+            if self.on_logprobs_refused is not None:
+                self.on_logprobs_refused(note)
 
     def estimate_tokens(self, prompt: str) -> int:
         system = self.cfg.system_instruction or ""
@@ -252,9 +265,7 @@ async def ask(client: Any, state: RunState, prompt: str) -> dict[str, Any]:
         except genai_errors.APIError as exc:
             state.limiter.settle(est, 0)
             if use_logprobs and _logprobs_refused(exc):
-                if state.logprobs:
-                    state.logprobs = False
-                    state.logprobs_note = redact(f"{exc.code} {exc.message}")
+                state.refuse_logprobs(redact(f"{exc.code} {exc.message}"))
                 continue  # the same request without log-probs; not a failed attempt
             message = redact(f"{exc.code} {exc.status or ''}: {exc.message or ''}".strip())
             fatal = run_wide_error(exc, cfg)

@@ -208,6 +208,115 @@ class LocalTeacher:
             results.append(Completion(prompt, text, finish_reason=reason, usage=usage))
         return results
 
+    # -- the stages' interface (teachers.base.TeacherKind) ------------------------------------
+
+    @classmethod
+    def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        from mlx_distill.stages import _file_digest as file_digest
+
+        section = {k: v for k, v in recipe.to_dict()["teacher"].items() if k != "gemini"}
+        section.pop("allow_partial", None)  # a local teacher is never partial
+        files = {}
+        if recipe.teacher.path or recipe.teacher.init:
+            folder = Path(recipe.teacher.path or recipe.teacher.init)
+            for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+                files[f.name] = file_digest(str(f))
+        return section, files
+
+    @classmethod
+    def teach(cls, ctx: Any) -> dict[str, Any]:
+        """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
+        import json
+
+        from mlx_distill import pipeline
+
+        recipe, out = ctx.recipe, ctx.stage_dir("teacher")
+        tokenizer = pipeline._tokenizer(ctx)
+        if recipe.teacher.path:  # checked in the preflight: a model folder with this tokenizer
+            path = Path(recipe.teacher.path).resolve()
+            (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
+            return {"path": str(path), "trained": False}
+        from mlx_distill.models import build_model, num_params, save_model
+        from mlx_distill.train.trainer import train
+
+        if recipe.teacher.init:  # continued training of an earlier teacher
+            from mlx_distill.models import load_model
+
+            model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
+        else:
+            model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
+        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train)
+        loader = pipeline._loader(
+            ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size
+        )
+        result = train(
+            model,
+            loader,
+            recipe.teacher.train,
+            None,
+            run="teacher",
+            metrics_path=ctx.run_dir / "metrics.jsonl",
+            ckpt_dir=ctx.run_dir / "checkpoints/teacher",
+            fingerprint=json.loads((out / "stage.json").read_text())["fingerprint"],
+            seed=recipe.seed,
+            progress=ctx.progress,
+            validate=pipeline._validator(ctx, tokenizer),
+        )
+        loader.close()
+        path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
+        (out / "teacher.json").write_text(
+            json.dumps({"kind": "local", "path": str(path.resolve())})
+        )
+        return {
+            "path": str(path),
+            "trained": True,
+            "parameters": num_params(model),
+            "seconds": round(result.seconds, 1),
+        }
+
+    @classmethod
+    def build_cache(cls, ctx: Any) -> dict[str, Any]:
+        """Score the training sequences with the local teacher into the token cache."""
+        from mlx_distill import pipeline
+        from mlx_distill.cache import build_token_cache
+
+        recipe = ctx.recipe
+        tokenizer = pipeline._tokenizer(ctx)
+        teacher = cls(pipeline._teacher_path(ctx))
+        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train)
+        c = recipe.cache
+        manifest = build_token_cache(
+            teacher,
+            examples,
+            ctx.stage_dir("cache"),
+            targets=c.targets,
+            k=c.k,
+            samples=c.samples,
+            temperature=c.temperature,
+            batch_size=c.batch_size,
+            shard_rows=c.shard_rows,
+            seed=recipe.seed,
+            fingerprint=cls.cache_expect(ctx, tokenizer),
+            progress=ctx.progress,
+        )
+        return {"rows": manifest["rows"], "tokens": manifest["tokens"]}
+
+    @classmethod
+    def cache_expect(cls, ctx: Any, tokenizer: Any) -> dict[str, Any]:
+        from mlx_distill.text.tokenizer import template_hash
+
+        c = ctx.recipe.cache
+        expect = {
+            "vocab_hash": vocab_hash(tokenizer),
+            "template_hash": template_hash(tokenizer),
+            "targets": c.targets,
+            "k": c.k,
+            "temperature": c.temperature,
+        }
+        if c.targets == "sample":
+            expect["samples"] = c.samples
+        return expect
+
 
 def _weights_hash(model: nn.Module) -> str:
     """sha256 of every parameter's name, dtype, shape and bytes: the teacher's version."""

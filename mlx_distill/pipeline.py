@@ -136,14 +136,24 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
             f"student vocab_size {config['vocab_size']} is smaller than the tokenizer's "
             f"{len(tokenizer.get_vocab())}"
         )
-    if use_cache:
+    mode = recipe.distill.mode if use_cache else "offline"
+    if mode == "on_policy":
+        source = None  # every batch is sampled from the student: no cache
+    elif use_cache:
         from mlx_distill.teachers import teacher_kind
 
         expect = teacher_kind(recipe.teacher.kind).cache_expect(ctx, tokenizer)
         source = open_cache(ctx.stage_dir("cache"), expect=expect)
     else:
         source = _examples(ctx, tokenizer, limit=recipe.data.max_train)
-    loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
+    loader = None
+    if source is not None:
+        loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
+    extra_losses = None
+    if mode != "offline":
+        from mlx_distill.train.onpolicy import build_source
+
+        loader, extra_losses = build_source(recipe, model, tokenizer, _teacher_path(ctx), loader)
     result = train(
         model,
         loader,
@@ -157,6 +167,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         progress=ctx.progress,
         bar_position=ctx.bar_position,
         validate=_validator(ctx, tokenizer),
+        extra_losses=extra_losses,
     )
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")
@@ -169,13 +180,19 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
     if stage_json is not None:  # the baseline's model folder is also its stage folder
         (out / "stage.json").write_text(stage_json)
-    return {
+    summary = {
         "parameters": num_params(model),
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,
         "path": str(out),
     }
+    if mode != "offline":  # the time split of this process's on-policy work
+        stats = loader.stats()
+        summary["generation_s"] = round(stats["gen_s"], 1)
+        summary["scoring_s"] = round(stats["score_s"], 1)
+        summary["on_policy_batches"] = int(stats["on_policy_batches"])
+    return summary
 
 
 def stage_distill(ctx: Context) -> dict:

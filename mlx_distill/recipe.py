@@ -35,6 +35,8 @@ TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
 DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
+DistillMode = Literal["offline", "on_policy", "mixed"]
+OnPolicyLoss = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -216,6 +218,28 @@ class LossConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Where the distill stage's batches come from (GKD, Agarwal et al. 2023; Tinker OPD).
+
+    offline: the teacher cache. on_policy: the current student samples completions of training
+    prompts and the local teacher scores every sampled token. mixed: each batch is on-policy with
+    probability `lmbda` (GKD's lambda), else from the cache.
+    """
+
+    mode: DistillMode = "offline"
+    lmbda: float = 0.5  # mixed: probability that a batch is on-policy
+    samples_per_prompt: int = 1  # completions per prompt; train.batch_size must divide by it
+    temperature: float = 1.0  # student sampling temperature (0: greedy)
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    # On-policy loss on the student's tokens: reverse_kl | forward_kl | jsd (fused loss against
+    # the teacher's top-k with the tail bucket, at loss.temperature; jsd uses loss.beta), or
+    # sampled_token (Tinker: per-token log-ratio of the sampled token only).
+    loss: OnPolicyLoss = "reverse_kl"
+    k: int = 16  # teacher top-k per sampled position
+
+
+@dataclass
 class BaselineConfig:
     """The same student, same steps, hard labels only."""
 
@@ -246,6 +270,7 @@ class Recipe:
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -292,8 +317,10 @@ class Recipe:
         ):
             if value <= 0:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
+        self._validate_distill()
         distills_local_topk = (
-            self.teacher.kind == "local"
+            self.distill.mode != "on_policy"
+            and self.teacher.kind == "local"
             and self.cache.targets == "topk"
             and "distill" in self.stages
             and self.loss.kind != "ce"
@@ -317,6 +344,26 @@ class Recipe:
         if self.export.quantize_bits not in (None, 4, 8):
             raise BadInput("recipe key export.quantize_bits: must be 4, 8 or null")
         validate_gemini(self.teacher.gemini)
+
+    def _validate_distill(self) -> None:
+        d = self.distill
+        if d.mode != "offline" and self.teacher.kind == "gemini":
+            raise BadInput(
+                f"recipe key distill.mode: {d.mode} needs a teacher that scores the student's "
+                "own tokens, and Gemini cannot score text it did not write; use teacher.kind: "
+                "local with an mlx-lm teacher (e.g. a 4-bit Qwen2.5), or distill.mode: offline"
+            )
+        if not 0.0 <= d.lmbda <= 1.0:
+            raise BadInput(f"recipe key distill.lmbda: must be in [0, 1], got {d.lmbda}")
+        if d.samples_per_prompt < 1 or self.train.batch_size % d.samples_per_prompt:
+            raise BadInput(
+                f"recipe key distill.samples_per_prompt: must be >= 1 and divide "
+                f"train.batch_size {self.train.batch_size}, got {d.samples_per_prompt}"
+            )
+        if d.temperature < 0 or not 0.0 < d.top_p <= 1.0:
+            raise BadInput("recipe keys distill.temperature >= 0 and distill.top_p in (0, 1]")
+        if d.max_new_tokens < 1 or d.k < 1:
+            raise BadInput("recipe keys distill.max_new_tokens and distill.k must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,7 +28,7 @@ SECTIONS = {
     "tokenizer": ("data", "tokenizer"),
     "teacher": ("teacher", "data"),
     "cache": ("cache", "data"),
-    "distill": ("student", "loss", "train", "data", "export"),
+    "distill": ("student", "loss", "distill", "train", "data", "export"),
     "baseline": ("student", "train", "baseline", "data"),
     "eval": ("eval", "data"),
     "report": (),

@@ -125,6 +125,17 @@ def _restore(ckpt: Path, model, optimizer, loader, master=None) -> int:
     return int(state["step"])
 
 
+def _postfix(record: dict, split: bool) -> dict:
+    """The progress bar's loss, and with an on-policy source generation, teacher scoring and
+    the training step apart (samples/s and tokens/s of each)."""
+    postfix = {"loss": f"{record['loss']:.3f}"}
+    if split:
+        for part in ("gen", "score", "train"):
+            samples, tokens = record[f"{part}_samples_per_s"], record[f"{part}_tokens_per_s"]
+            postfix[part] = f"{samples:.1f}samp/s {tokens:.0f}tok/s"
+    return postfix
+
+
 def train(
     model: nn.Module,
     loader,
@@ -139,12 +150,20 @@ def train(
     progress: bool = True,
     bar_position: int = 0,
     validate: Callable[[nn.Module], float] | None = None,
+    extra_losses: dict[str, Callable] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.steps batches from `loader`; resume from `ckpt_dir` if it matches.
 
-    Logs {"run", "step", "loss", "ce", "kd", "covered_mass", "lr", "tokens_per_s"} to
-    `metrics_path` every cfg.log_every steps, and {"run", "step", "valid_loss"} from
-    `validate(model)` every cfg.eval_every steps and after the last step.
+    `loader` is any batch source with `__next__`, `state_dict` and `load_state_dict` (the cache
+    `Loader`, or `onpolicy.OnPolicySource`). A batch with a `loss` field naming an entry of
+    `extra_losses` ({name: loss_fn(model, tokens, labels, mask, ids, logprobs)}) is trained with
+    that loss; other batches with `loss_cfg`'s.
+
+    Logs {"run", "step", "loss", "ce", "kd", "covered_mass", "lr", "tokens_per_s",
+    "train_tokens_per_s", "train_samples_per_s"} (the last two timed over the training step
+    alone; plus the source's `stats()`, if it has one) to `metrics_path` every cfg.log_every
+    steps, and {"run", "step", "valid_loss"} from `validate(model)` every cfg.eval_every steps
+    and after the last step.
     """
     from tqdm import tqdm
 
@@ -179,11 +198,14 @@ def train(
             metrics_path.write_text("".join(line + "\n" for line in kept))
 
     state = [model.state, optimizer.state] + ([master] if master else [])
-    step = make_step(model, optimizer, loss_fn, cfg, master)
+    steps = {None: make_step(model, optimizer, loss_fn, cfg, master)}
+    for name, fn in (extra_losses or {}).items():
+        steps[name] = make_step(model, optimizer, fn, cfg, master)
     restore = checkpoint_blocks(model) if cfg.grad_checkpoint else None
     model.train()
     t0 = time.perf_counter()
     tokens_seen, window_tokens, window_t0 = 0, 0, t0
+    window_step_s, window_rows = 0.0, 0  # time in the training step itself, sequences trained
     loss_value = math.nan
     bar = tqdm(
         total=cfg.steps,
@@ -199,8 +221,12 @@ def train(
         with metrics_path.open("a") as log:
             for it in range(start + 1, cfg.steps + 1):
                 batch = next(batches)
+                step = steps[getattr(batch, "loss", None)]
+                t_step = time.perf_counter()
                 loss, metrics = step(batch_arrays(batch))
                 mx.eval(loss, metrics, state)
+                window_step_s += time.perf_counter() - t_step
+                window_rows += batch.tokens.shape[0]
                 n = int(batch.mask.sum().item())
                 tokens_seen += n
                 window_tokens += n
@@ -215,11 +241,15 @@ def train(
                         **{k: float(v.item()) for k, v in metrics.items()},
                         "lr": float(optimizer.learning_rate.item()),
                         "tokens_per_s": window_tokens / max(now - window_t0, 1e-9),
+                        "train_tokens_per_s": window_tokens / max(window_step_s, 1e-9),
+                        "train_samples_per_s": window_rows / max(window_step_s, 1e-9),
                     }
+                    source_stats = loader.stats() if hasattr(loader, "stats") else {}
+                    record.update(source_stats)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    window_tokens, window_t0 = 0, now
-                    bar.set_postfix(loss=f"{loss_value:.3f}")
+                    window_tokens, window_t0, window_step_s, window_rows = 0, now, 0.0, 0
+                    bar.set_postfix(_postfix(record, bool(source_stats)))
                 if validate is not None and (
                     (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
                 ):

@@ -110,6 +110,9 @@ def write_report(ctx: Context) -> dict:
                 f"baseline {only_base} (two-sided sign test p = "
                 f"{sign_test(only_kd, only_base):.2g}).",
             ]
+    teacher_data = ((read_stage(ctx, "cache") or {}).get("result") or {}).get("report")
+    if teacher_data:  # what an API teacher's cache was made from (prompts used, coverage)
+        lines += ["", teacher_data]
     lines += _samples_section(models, names, recipe.eval.max_new_tokens)
     png = run_dir / "loss_curves.png"
     if _plot(run_dir / "metrics.jsonl", png):

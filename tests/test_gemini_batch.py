@@ -98,3 +98,25 @@ def test_batch_expired_and_logprobs_refused(tmp_path):
     gen = [b["batch"]["inputConfig"]["requests"]["requests"][0]["request"]["generationConfig"]
            for b in bodies]  # fmt: skip
     assert gen[0]["responseLogprobs"] is True and "responseLogprobs" not in gen[1]
+
+
+def test_batch_transient_item_errors_are_resubmitted(tmp_path):
+    prompts = [
+        {"prompt": "Batch fine?"},
+        {"prompt": "Batch busy. [503x1]"},
+        {"prompt": "Batch quota. [429x2]"},
+        {"prompt": "Batch down. [500]"},  # always fails: stored as failed after the retries
+    ]
+    with FakeGemini(key=KEY) as fake:
+        summary = run_gemini_teacher(
+            brecipe(fake, max_retries=2, backoff_base_s=0.0),
+            prompts,
+            tmp_path / "b",
+            progress=False,
+        )
+    records = {r["prompt"]: r for r in read_records(tmp_path / "b")}
+    assert [records[p["prompt"]]["status"] for p in prompts] == ["ok", "ok", "ok", "failed"]
+    assert summary["failures"] == {"500: Try again.": 1} and summary["complete"]
+    # Each item is sent once per round until it is answered: 1, 2, 3 and all 4 rounds.
+    assert [fake.attempts[p["prompt"]] for p in prompts[1:]] == [2, 3, 4]
+    assert fake.answered["Batch fine?"] == 1 and len(fake.batches) == 4

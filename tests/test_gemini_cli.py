@@ -116,6 +116,11 @@ def test_max_cost_stop_is_partial_refused_downstream_then_continued(tmp_path):
         cache = stage(tmp_path, "cache")["result"]
         assert cache["partial"] and cache["prompts"] == len(items)
         assert cache["prompts_used"] == sum(asked_first.values())
+        used = f"Teacher data: {cache['prompts_used']} of {len(items)} prompts used"
+        assert (
+            cache["report"].startswith(used)
+            and "allowed by teacher.allow_partial" in cache["report"]
+        )
         # Raising the cap continues: only the rest is asked, and the tally carries over.
         cli("teach", recipe, "--set", "teacher.gemini.max_cost=1.0")
         assert sum(fake.answered.values()) == len(items)

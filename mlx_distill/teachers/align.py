@@ -63,7 +63,10 @@ def _is_sentencepiece(tokenizer: Any) -> bool:
 def piece_strings(tokenizer: Any) -> list[str | None]:
     """The text each student id stands for (None: special, not a whole character, or a byte
     fallback piece whose character also has a regular piece, which the tokenizer would pick)."""
-    strings, byte_ids = _raw_piece_strings(tokenizer)
+    return _without_shadowed_bytes(*_raw_piece_strings(tokenizer))
+
+
+def _without_shadowed_bytes(strings: list[str | None], byte_ids: set[int]) -> list[str | None]:
     regular = {s for i, s in enumerate(strings) if s and i not in byte_ids}
     return [None if i in byte_ids and s in regular else s for i, s in enumerate(strings)]
 
@@ -255,8 +258,9 @@ def records_to_examples(
     records = read_records(out_dir, keys)
     exact = {"checked": 0, "agree": 0}
     if any(r.get("tokens") for r in records):
-        strings = piece_strings(tokenizer)
-        exact = exact_ids(records, _raw_piece_strings(tokenizer)[0])
+        raw, byte_ids = _raw_piece_strings(tokenizer)  # one pass over the vocabulary
+        strings = _without_shadowed_bytes(raw, byte_ids)
+        exact = exact_ids(records, raw)
     use_ids = exact["checked"] > 0 and exact["agree"] == exact["checked"]
     for record in records:
         if record.get("status") != "ok" or record.get("finish_reason") != "stop":

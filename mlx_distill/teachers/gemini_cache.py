@@ -135,7 +135,7 @@ def build_gemini_cache(ctx: Context) -> dict[str, Any]:
         fingerprint=gemini_cache_expect(ctx, tokenizer),
         progress=ctx.progress,
     )
-    return {
+    result = {
         "rows": manifest["rows"],
         "tokens": manifest["tokens"],
         "examples": len(examples),
@@ -143,3 +143,27 @@ def build_gemini_cache(ctx: Context) -> dict[str, Any]:
         **partial,
         "coverage": coverage,
     }
+    result["report"] = report_line(result)
+    return result
+
+
+def report_line(result: dict[str, Any]) -> str:
+    """The report's sentence on what the student learned from (prompts used, coverage)."""
+    cov = result["coverage"]
+    line = (
+        f"Teacher data: {result['prompts_used']} of {result['prompts']} prompts used "
+        f"({result['answered']} answered, {result['failed_prompts']} failed, "
+        f"{result['unasked']} not asked"
+        + ("; a partial teach, allowed by teacher.allow_partial" if result["partial"] else "")
+        + f"; {cov['skipped']} answers left out as failed or cut off)."
+    )
+    if cov["with_logprobs"]:
+        ids = "exact teacher ids" if cov["exact_ids"] else "token strings"
+        line += (
+            f" Token-level targets ({ids}) on {cov['covered_positions']} of {cov['positions']} "
+            f"answer positions ({cov['position_fraction']:.1%}), covering "
+            f"{cov['mass_fraction']:.1%} of the teacher's probability mass there."
+        )
+    else:
+        line += " No log-probs: sequence-level KD on the teacher's text only."
+    return line

@@ -131,10 +131,13 @@ def _layer_list(model: nn.Module) -> tuple[str, list]:
 
 def _layer_kind(layer: nn.Module, path: str = "") -> dict:
     """What makes one block differ from another of the same model besides its weights: module
-    classes and scalar settings (sliding window or not, RoPE or NoPE...), without indices."""
+    classes and scalar settings (sliding window or not, RoPE or NoPE...), without indices and
+    layer counts."""
     out = {path + "<class>": type(layer).__name__}
     for key, value in vars(layer).items():
-        if isinstance(value, bool | int | float | str) and "idx" not in key and key[0] != "_":
+        if key[0] == "_" or "idx" in key or key in ("num_hidden_layers", "num_layers", "n_layer"):
+            continue
+        if isinstance(value, bool | int | float | str):
             out[path + key] = value
     for name, child in layer.children().items():
         if isinstance(child, nn.Module):

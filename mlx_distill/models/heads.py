@@ -137,7 +137,8 @@ def text_model(model: nn.Module) -> nn.Module:
 
 def hidden_states(model: nn.Module, tokens: mx.array) -> mx.array:
     """Final normalized hidden states (B, L, d): the input to the LM head."""
-    return text_model(model).model(tokens)
+    # cache passed positionally: some backbones (phi, stablelm) have no default for it
+    return text_model(model).model(tokens, None)
 
 
 def _embedding(backbone: nn.Module) -> nn.Module:

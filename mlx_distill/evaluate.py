@@ -90,8 +90,25 @@ def top1_agreement(
     return agree / max(count, 1)
 
 
+def _prompt_ids(tokenizer, prompt: str | dict) -> list[int]:
+    """Ids a model continues: a user prompt, or a record's conversation before its last answer."""
+    if isinstance(prompt, dict):
+        from mlx_distill.text.chat import record_prompt
+
+        text = record_prompt(tokenizer, prompt)
+    else:
+        text = prompt_text(tokenizer, prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def generate_answers(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, progress=None
+    model,
+    tokenizer,
+    prompts: Sequence[str | dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress=None,
 ) -> list[str]:
     """Greedy completions for chat prompts, in batches."""
     from mlx_lm import batch_generate
@@ -99,7 +116,7 @@ def generate_answers(
     texts: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        ids = [tokenizer.encode(prompt_text(tokenizer, p), add_special_tokens=False) for p in chunk]
+        ids = [_prompt_ids(tokenizer, p) for p in chunk]
         texts += batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens).texts
         if progress is not None:
             progress.update(len(chunk))
@@ -120,7 +137,7 @@ def exact_match(
     outputs = generate_answers(
         model,
         tokenizer,
-        [r["prompt"] for r in records],
+        records,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
@@ -130,7 +147,7 @@ def exact_match(
 
 
 def generate_samples(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
+    model, tokenizer, prompts: Sequence[str | dict], *, max_new_tokens: int
 ) -> list[dict]:
     """Greedy completions as a person should see them: special tokens kept in the text.
 
@@ -142,7 +159,7 @@ def generate_samples(
     stop = set(tokenizer.eos_token_ids)
     samples = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt_text(tokenizer, prompt), add_special_tokens=False)
+        ids = _prompt_ids(tokenizer, prompt)
         new: list[int] = []
         for token, _ in generate_step(mx.array(ids), model, max_tokens=max_new_tokens):
             new.append(int(token))
@@ -150,7 +167,7 @@ def generate_samples(
                 break
         samples.append(
             {
-                "prompt": prompt,
+                "prompt": prompt["prompt"] if isinstance(prompt, dict) else prompt,
                 "output": tokenizer.decode(new, skip_special_tokens=False),
                 "stopped": bool(new) and new[-1] in stop,
                 "new_tokens": len(new),
@@ -183,8 +200,8 @@ def evaluate_run(ctx: Context) -> dict:
 
     from mlx_distill.models import load_model, num_params
     from mlx_distill.tasks import get_checker
+    from mlx_distill.text.chat import encode_records
     from mlx_distill.text.data import read_jsonl
-    from mlx_distill.text.tokenizer import encode_example
 
     recipe = ctx.recipe
     records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
@@ -192,10 +209,13 @@ def evaluate_run(ctx: Context) -> dict:
     loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
     results: dict[str, dict] = {}
     for role, (model, tokenizer, _) in loaded.items():
-        examples = [
-            encode_example(tokenizer, r["prompt"], r["completion"], recipe.data.max_seq_len + 1)
-            for r in records
-        ]
+        examples, _ = encode_records(
+            tokenizer,
+            records,
+            max_len=recipe.data.max_seq_len + 1,
+            train_on=recipe.data.train_on,
+            what=f"{recipe.data.test} ({role})",
+        )
         row = {"perplexity": perplexity(model, examples)}
         if not role.startswith("student-q"):  # packed quantized weights would miscount
             row["parameters"] = num_params(model)
@@ -221,7 +241,7 @@ def evaluate_run(ctx: Context) -> dict:
         row["samples"] = generate_samples(
             model,
             tokenizer,
-            [r["prompt"] for r in records[:SAMPLES]],
+            records[:SAMPLES],
             max_new_tokens=recipe.eval.max_new_tokens,
         )
         if role != "teacher" and "teacher" in loaded:

@@ -21,19 +21,36 @@ def _tokenizer(ctx: Context):
     return load_tokenizer(ctx.stage_dir("tokenizer"))
 
 
-def _examples(ctx: Context, tokenizer, split: str = "train", limit: int | None = None):
+def _examples(
+    ctx: Context, tokenizer, split: str = "train", limit: int | None = None, cut: dict | None = None
+):
+    """The split's records through the chat encoder; rows cut at data.max_seq_len are counted
+    (into `cut[split]`) and reported in one line."""
+    from mlx_distill.text.chat import encode_records
     from mlx_distill.text.data import read_jsonl
-    from mlx_distill.text.tokenizer import encode_example
 
     data = ctx.recipe.data
-    records = read_jsonl(getattr(data, split), limit=limit)
-    return [
-        encode_example(tokenizer, r["prompt"], r["completion"], data.max_seq_len + 1)
-        for r in records
-    ]
+    path = getattr(data, split)
+    examples, n_cut = encode_records(
+        tokenizer,
+        read_jsonl(path, limit=limit),
+        max_len=data.max_seq_len + 1,
+        train_on=data.train_on,
+        what=str(path),
+    )
+    if cut is not None:
+        cut[split] = n_cut
+    return examples
 
 
-def _validator(ctx: Context, tokenizer):
+def _cut_summary(cut: dict) -> dict:
+    """Stage-summary entries for rows cut at data.max_seq_len: rows_cut (train), valid_rows_cut."""
+    return {
+        ("rows_cut" if split == "train" else f"{split}_rows_cut"): n for split, n in cut.items()
+    }
+
+
+def _validator(ctx: Context, tokenizer, cut: dict | None = None):
     """`validate(model) -> mean CE` on data.valid for the trainer, or None without data.valid."""
     if ctx.recipe.data.valid is None:
         return None
@@ -41,7 +58,7 @@ def _validator(ctx: Context, tokenizer):
 
     from mlx_distill.evaluate import perplexity
 
-    examples = _examples(ctx, tokenizer, split="valid")
+    examples = _examples(ctx, tokenizer, split="valid", cut=cut)
     return lambda model: math.log(perplexity(model, examples, ctx.recipe.eval.batch_size))
 
 
@@ -137,6 +154,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
             f"{len(tokenizer.get_vocab())}"
         )
     mode = recipe.distill.mode if use_cache else "offline"
+    cut: dict = {}
     if mode == "on_policy":
         source = None  # every batch is sampled from the student: no cache
     elif use_cache:
@@ -145,7 +163,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         expect = teacher_kind(recipe.teacher.kind).cache_expect(ctx, tokenizer)
         source = open_cache(ctx.stage_dir("cache"), expect=expect)
     else:
-        source = _examples(ctx, tokenizer, limit=recipe.data.max_train)
+        source = _examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
     loader = None
     if source is not None:
         loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
@@ -166,7 +184,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         seed=recipe.seed,
         progress=ctx.progress,
         bar_position=ctx.bar_position,
-        validate=_validator(ctx, tokenizer),
+        validate=_validator(ctx, tokenizer, cut),
         extra_losses=extra_losses,
     )
     loader.close()
@@ -186,6 +204,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,
         "path": str(out),
+        **_cut_summary(cut),
     }
     if mode != "offline":  # the time split of this process's on-policy work
         stats = loader.stats()

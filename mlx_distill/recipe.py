@@ -34,6 +34,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "ce"]
 TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
 DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
+TrainOn = Literal["assistant", "last"]  # which assistant turns of a conversation are trained
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
 DistillMode = Literal["offline", "on_policy", "mixed"]
 OnPolicyLoss = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
@@ -54,6 +55,11 @@ class DataConfig:
     task: str | None = None  # answer checker in mlx_distill.tasks; None for free text
     max_seq_len: int = 2048
     max_train: int | None = None  # use the first n training examples
+    train_on: TrainOn = "assistant"  # every assistant turn, or only the last one
+    # The reasoning span around a teacher's thoughts; None: the tokenizer's own special tokens
+    # (<think>/</think>, Gemma 4's thought channel), else <think>/</think> as text.
+    reasoning_open: str | None = None
+    reasoning_close: str | None = None
 
 
 @dataclass
@@ -283,6 +289,10 @@ class Recipe:
     def validate(self) -> None:
         """Cross-field checks the types alone cannot express."""
         _check_choices(self)
+        if (self.data.reasoning_open is None) != (self.data.reasoning_close is None):
+            raise BadInput(
+                "recipe keys data.reasoning_open and data.reasoning_close: set both or neither"
+            )
         for stage in self.stages:
             if stage not in STAGES:
                 raise BadInput(

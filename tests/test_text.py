@@ -7,10 +7,9 @@ import sentencepiece as spm
 
 from mlx_distill.errors import BadInput
 from mlx_distill.tasks import arithmetic
+from mlx_distill.text.chat import ChatEncoder
 from mlx_distill.text.data import read_jsonl
 from mlx_distill.text.tokenizer import (
-    EOS,
-    encode_example,
     load_tokenizer,
     prompt_text,
     train_sentencepiece,
@@ -42,14 +41,18 @@ def test_hf_tokenizer_matches_sentencepiece(tokenizer_dir):
 def test_chat_encoding_masks_the_answer_only(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     p = arithmetic.generate(1, 5)[0]
-    ex = encode_example(tok, p["prompt"], p["completion"], max_len=512)
+    encoder = ChatEncoder(tok, max_len=512)
+    ex = encoder.encode(p)
     head = tok.encode(prompt_text(tok, p["prompt"]), add_special_tokens=False)
     assert list(ex.tokens[: len(head)]) == head
     assert not ex.mask[: len(head)].any() and ex.mask[len(head) :].all()
-    assert tok.decode(ex.tokens[ex.mask].tolist()) == p["completion"] + EOS
-    assert ex.tokens[-1] == tok.eos_token_id
-    short = encode_example(tok, p["prompt"], p["completion"], max_len=len(head) + 3)
+    # The end-of-turn token is found from the template: this tokenizer's is its EOS.
+    assert encoder.end_id == tok.eos_token_id and ex.tokens[-1] == tok.eos_token_id
+    assert tok.decode(ex.tokens[ex.mask].tolist()) == p["completion"] + encoder.end_text
+    short_encoder = ChatEncoder(tok, max_len=len(head) + 3)
+    short = short_encoder.encode(p)
     assert len(short.tokens) == len(head) + 3 and short.mask.sum() == 3
+    assert short_encoder.cut == 1 and encoder.cut == 0
 
 
 def test_vocab_hash_distinguishes_tokenizers(tokenizer_dir, tmp_path):
@@ -77,7 +80,8 @@ def test_jsonl_shapes(tmp_path):
     [
         ("{not json", "line 1: invalid JSON"),
         ('{"prompt": "p"}', "line 1: expected keys"),
-        ('{"messages": [{"role": "user", "content": "u"}]}', "ending with an assistant turn"),
+        ('{"messages": [{"role": "user", "content": "u"}]}', "line 1: messages have no assistant"),
+        ('{"messages": [{"role": "bot", "content": "u"}]}', "line 1: message 1 has role 'bot'"),
         ("[1, 2]", "expected a JSON object"),
     ],
 )
@@ -88,3 +92,54 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
         read_jsonl(path)
     with pytest.raises(BadInput, match="not found"):
         read_jsonl(tmp_path / "none.jsonl")
+
+
+# sha256 over (tokens int32 LE, mask uint8) of each row, taken with the encoder before the chat
+# encoder replaced it (`encode_example(tok, prompt, completion, 129)`, quickstart tokenizer).
+QUICKSTART_IDS = {
+    ("train", 2000): "68c3233954a5d7ceab952b040adae28d1f822f38f97d1299a6fdd946e8a800d2",
+    ("test", 500): "f3e68b5fdc1374e5cd16428a3fae490930da91b95c3cc0cf76896ef3552c364c",
+}
+
+
+@pytest.mark.parametrize("split, n", list(QUICKSTART_IDS))
+def test_quickstart_ids_and_masks_are_unchanged(split, n):
+    import hashlib
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1] / "data" / "quickstart"
+    tok = load_tokenizer(root / "teacher")
+    encoder = ChatEncoder(tok, max_len=129)
+    digest = hashlib.sha256()
+    for record in read_jsonl(root / f"{split}.jsonl", limit=n):
+        ex = encoder.encode(record)
+        digest.update(ex.tokens.astype("<i4").tobytes())
+        digest.update(ex.mask.astype(np.uint8).tobytes())
+    assert digest.hexdigest() == QUICKSTART_IDS[split, n]
+
+
+def test_messages_keep_every_turn_and_text_records_end_with_eos(tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tokenizer_dir)
+    path = tmp_path / "d.jsonl"
+    turns = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "1+1"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2"},
+        {"role": "assistant", "content": "4"},
+    ]
+    path.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"text": "3+3=6"}) + "\n")
+    chat, text = read_jsonl(path)
+    assert chat["messages"] == turns and chat.source == f"{path} line 1"
+    whole = tok.apply_chat_template(turns, tokenize=False)
+    for train_on, answers in (("assistant", ["2", "4"]), ("last", ["4"])):
+        ex = ChatEncoder(tok, max_len=512, train_on=train_on).encode(chat)
+        assert tok.decode(ex.tokens.tolist()) + "\n" == whole  # every turn, system included
+        ids, mask = ex.tokens.tolist(), ex.mask.tolist()
+        spans = [ids[i] for i in range(len(ids)) if mask[i]]
+        assert tok.decode(spans) == "".join(a + "<|end|>" for a in answers)
+    ex = ChatEncoder(tok, max_len=512).encode(text)
+    assert ex.mask[1:].all() and ex.tokens[-1] == tok.eos_token_id
+    assert tok.decode(ex.tokens.tolist()) == "<s>3+3=6<|end|>"

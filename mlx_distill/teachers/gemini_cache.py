@@ -116,8 +116,18 @@ def build_gemini_cache(ctx: Context) -> dict[str, Any]:
             f"{unasked} not asked): continue with `mlx-distill teach RECIPE`, or set "
             "teacher.allow_partial: true to train on them as they are"
         )
+    from mlx_distill.text.chat import reasoning_span
+
+    think_open, think_close = reasoning_span(
+        tokenizer, recipe.data.reasoning_open, recipe.data.reasoning_close
+    )
     examples, targets, coverage = records_to_examples(
-        records_dir, tokenizer, keys=keys, k=target_k(ctx)
+        records_dir,
+        tokenizer,
+        keys=keys,
+        k=target_k(ctx),
+        think_open=think_open,
+        think_close=think_close,
     )
     if not examples:
         raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")

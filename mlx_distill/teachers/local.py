@@ -245,7 +245,8 @@ class LocalTeacher:
             model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
         else:
             model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
-        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train)
+        cut: dict = {}
+        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
         loader = pipeline._loader(
             ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size
         )
@@ -260,7 +261,7 @@ class LocalTeacher:
             fingerprint=json.loads((out / "stage.json").read_text())["fingerprint"],
             seed=recipe.seed,
             progress=ctx.progress,
-            validate=pipeline._validator(ctx, tokenizer),
+            validate=pipeline._validator(ctx, tokenizer, cut),
         )
         loader.close()
         path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
@@ -270,6 +271,7 @@ class LocalTeacher:
         return {
             "path": str(path),
             "trained": True,
+            **pipeline._cut_summary(cut),
             "parameters": num_params(model),
             "seconds": round(result.seconds, 1),
         }
@@ -283,7 +285,8 @@ class LocalTeacher:
         recipe = ctx.recipe
         tokenizer = pipeline._tokenizer(ctx)
         teacher = cls(pipeline._teacher_path(ctx))
-        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train)
+        cut: dict = {}
+        examples = pipeline._examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
         c = recipe.cache
         manifest = build_token_cache(
             teacher,
@@ -299,7 +302,11 @@ class LocalTeacher:
             fingerprint=cls.cache_expect(ctx, tokenizer),
             progress=ctx.progress,
         )
-        return {"rows": manifest["rows"], "tokens": manifest["tokens"]}
+        return {
+            "rows": manifest["rows"],
+            "tokens": manifest["tokens"],
+            **pipeline._cut_summary(cut),
+        }
 
     @classmethod
     def cache_expect(cls, ctx: Any, tokenizer: Any) -> dict[str, Any]:

@@ -1,9 +1,14 @@
 """JSONL readers. One record per line, in one of three shapes:
 
 - `{"prompt": ..., "completion": ...}` (extra fields such as `answer` are kept),
-- `{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}` (the last assistant turn
-  is the completion; earlier turns become the prompt),
+- `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}` with at least
+  one assistant turn (the whole conversation is kept and rendered by the chat template),
 - `{"text": ...}` (plain text: the whole sequence is trained).
+
+Every record also gets `prompt` and `completion` strings for code that needs one prompt (a
+teacher's question, a report's sample): for messages, the turns before the last assistant turn
+other than system ones, joined by newlines, and the last assistant turn. `record.source` names
+the file and line, `record.shape` is "chat" or "text".
 """
 
 from __future__ import annotations
@@ -13,8 +18,17 @@ from pathlib import Path
 
 from mlx_distill.errors import BadInput
 
+ROLES = ("system", "user", "assistant")
 
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+
+class Record(dict):
+    """A JSONL record (a dict) that remembers where it came from."""
+
+    source: str = "record"
+    shape: str = "chat"
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[Record]:
     """Records from a JSONL file, normalized to have `prompt` and `completion` keys."""
     path = Path(path)
     if not path.is_file():
@@ -36,27 +50,43 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def _normalize(raw: object, path: Path, lineno: int) -> dict:
+def _record(fields: dict, where: str, shape: str) -> Record:
+    record = Record(fields)
+    record.source, record.shape = where, shape
+    return record
+
+
+def _normalize(raw: object, path: Path, lineno: int) -> Record:
     where = f"{path} line {lineno}"
     if not isinstance(raw, dict):
         raise BadInput(f"{where}: expected a JSON object")
     if "prompt" in raw and "completion" in raw:
         if not isinstance(raw["prompt"], str) or not isinstance(raw["completion"], str):
             raise BadInput(f"{where}: prompt and completion must be strings")
-        return dict(raw)
+        return _record(raw, where, "chat")
     if "messages" in raw:
         messages = raw["messages"]
-        ok = isinstance(messages, list) and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        if not isinstance(messages, list) or not messages:
+            raise BadInput(f"{where}: messages must be a non-empty list")
+        for n, m in enumerate(messages, 1):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise BadInput(f"{where}: message {n} needs a string content")
+            if m.get("role") not in ROLES:
+                raise BadInput(
+                    f"{where}: message {n} has role {m.get('role')!r}; roles are "
+                    + ", ".join(ROLES)
+                )
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        if last < 0:
+            raise BadInput(f"{where}: messages have no assistant turn to train on")
+        prompt = "\n".join(m["content"] for m in messages[:last] if m["role"] != "system")
+        return _record(
+            dict(raw, prompt=prompt, completion=messages[last]["content"]), where, "chat"
         )
-        if not ok or not messages or messages[-1].get("role") != "assistant":
-            raise BadInput(f"{where}: messages must be a list ending with an assistant turn")
-        prompt = "\n".join(m["content"] for m in messages[:-1] if m.get("role") != "system")
-        return dict(raw, prompt=prompt, completion=messages[-1]["content"])
     if "text" in raw:
         if not isinstance(raw["text"], str):
             raise BadInput(f"{where}: text must be a string")
-        return dict(raw, prompt="", completion=raw["text"])
+        return _record(dict(raw, prompt="", completion=raw["text"]), where, "text")
     raise BadInput(f"{where}: expected keys prompt+completion, messages, or text")
 
 

@@ -14,14 +14,13 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from mlx_distill.errors import BadInput
-from mlx_distill.text.examples import TokenizedExample
 
+# The from-scratch tokenizer's own pieces. Only `train_sentencepiece` uses them: training and
+# evaluation ask any tokenizer for its markers (text/chat.py), never assume these.
 SPECIALS = ["<pad>", "<unk>", "<s>", "<|end|>"]  # ids 0..3, fixed
 MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>", "\n"]
-EOS = "<|end|>"
+SCRATCH_EOS = "<|end|>"
 # What a tokenizer folder holds; copied next to every saved model.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -66,7 +65,7 @@ def train_sentencepiece(
                 unk_id=1,
                 bos_id=2,
                 eos_id=3,
-                eos_piece=EOS,
+                eos_piece=SCRATCH_EOS,
                 normalization_rule_name="identity",
                 remove_extra_whitespaces=False,
                 num_threads=2,
@@ -114,7 +113,7 @@ def _export_hf(model_file: Path, out_dir: Path) -> None:
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<s>",
-        eos_token=EOS,
+        eos_token=SCRATCH_EOS,
         chat_template=CHAT_TEMPLATE,
     )
     hf.save_pretrained(str(out_dir))
@@ -143,23 +142,11 @@ def template_hash(tokenizer) -> str:
 
 
 def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The chat-formatted prompt, ending where the assistant's answer begins."""
+    """The chat-formatted prompt, ending where the assistant's answer begins (see text/chat.py;
+    a tokenizer without a chat template gets the plain format)."""
+    from mlx_distill.text.chat import generation_prompt
+
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def encode_example(tokenizer, prompt: str, completion: str, max_len: int) -> TokenizedExample:
-    """Tokenize one prompt/completion pair; the loss mask covers the answer and its end token.
-
-    The whole text is tokenized at once (no seams between prompt and answer), then split at the
-    prompt's length, which is a prefix because the prompt ends with an added marker token.
-    """
-    head = prompt_text(tokenizer, prompt)
-    ids = tokenizer.encode(head + completion + EOS, add_special_tokens=False)
-    n_prompt = len(tokenizer.encode(head, add_special_tokens=False))
-    ids = ids[:max_len]
-    mask = np.zeros(len(ids), dtype=bool)
-    mask[n_prompt:] = True
-    return TokenizedExample(tokens=np.array(ids, np.int32), mask=mask, text={"prompt": prompt})
+    return generation_prompt(tokenizer, messages)

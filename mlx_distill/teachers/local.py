@@ -11,6 +11,7 @@ to the tokenizer's ids and renormalized; a warning says so once.
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,9 @@ class LocalTeacher:
     name: the teacher id in cache fingerprints (default: the folder path, or "local").
     max_logits_mb: the largest (rows, T, V) float32 logits block one forward pass may produce;
     bigger batches are split into row chunks.
+    cpu_fp32: on the CPU backend, score in float32 (bf16/fp16 matmuls there are ~27x slower, and
+    a quantized teacher is dequantized when its float32 copy fits in half the memory). One
+    stderr line says so. The teacher's version (cache fingerprint) is taken before.
     """
 
     def __init__(
@@ -43,15 +47,16 @@ class LocalTeacher:
         *,
         name: str | None = None,
         max_logits_mb: int = 256,
+        cpu_fp32: bool = True,
     ) -> None:
         if isinstance(source, (str, Path)):
             path = Path(source)
             if not (path / "config.json").is_file():
                 raise BadInput(f"teacher folder {path}: no config.json (expected an mlx-lm model)")
-            import mlx_lm
+            from mlx_distill.models import load_model
 
-            try:
-                model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
+            try:  # the allow-list check happens in load_model, before the weights are read
+                model, tokenizer, config = load_model(path)
             except (ValueError, FileNotFoundError, KeyError) as e:
                 raise BadInput(f"teacher folder {path}: cannot load ({e})") from None
             self.id = name or str(path)
@@ -72,10 +77,19 @@ class LocalTeacher:
         }
         self.max_logits_bytes = max_logits_mb << 20
         self._warned_padding = False
+        if cpu_fp32 and isinstance(source, (str, Path)):  # a passed-in model stays the caller's
+            _fp32_on_cpu(self)
+        from mlx_distill.models import lm_head
 
-    def _logits(self, tokens: mx.array) -> mx.array:
-        """(B, T) int32 -> (B, T, V_tok) float32 logits, padded embedding rows removed."""
-        logits = self.model(tokens).astype(mx.float32)
+        self._head = lm_head(self.model)  # the LM-head contract: weight and logits transform
+
+    def _hidden(self, tokens: mx.array) -> mx.array:
+        from mlx_distill.models import hidden_states
+
+        return hidden_states(self.model, tokens)
+
+    def _cut_padding(self, logits: mx.array) -> mx.array:
+        """(..., V_rows) -> (..., V_tok): the rows past the tokenizer's ids removed."""
         rows = logits.shape[-1]
         if rows < self.vocab_size:
             raise BadInput(
@@ -87,11 +101,15 @@ class LocalTeacher:
                 warnings.warn(
                     f"teacher {self.id}: {rows} output rows for {self.vocab_size} tokenizer ids; "
                     f"ignoring the {rows - self.vocab_size} padded rows",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self._warned_padding = True
             logits = logits[..., : self.vocab_size]
         return logits
+
+    def _logits(self, tokens: mx.array) -> mx.array:
+        """(B, T) int32 -> (B, T, V_tok) float32 logits, padded embedding rows removed."""
+        return self._cut_padding(self._head.logits(self._hidden(tokens)))
 
     def score(
         self,
@@ -333,3 +351,42 @@ def _weights_hash(model: nn.Module) -> str:
         # the array's own buffer: no copy, so hashing a large teacher costs one pass over it
         digest.update(memoryview(mx.contiguous(value)).cast("B"))
     return digest.hexdigest()[:16]
+
+
+def _fp32_on_cpu(teacher: LocalTeacher) -> None:
+    """Score in float32 on the CPU backend: cast a bf16/fp16 teacher, and dequantize a quantized
+    one whose float32 copy fits in half of the memory (quantized matmuls are slow there too)."""
+    from mlx_distill import backend
+
+    if backend.device() != "cpu":
+        return
+    model = teacher.model
+    params = tree_flatten(model.parameters())
+    quantized = any(k.endswith(".scales") for k, _ in params)
+    if quantized:
+        from mlx_lm.utils import dequantize_model
+
+        # a quantized tensor of b bits holds 32 / b values per uint32 element
+        bits = max((m.bits for _, m in model.named_modules() if hasattr(m, "bits")), default=4)
+        values = sum(
+            v.size * (32 // bits if v.dtype == mx.uint32 else 1)
+            for k, v in params
+            if not k.endswith((".scales", ".biases"))
+        )
+        if values * 4 > backend.memory_bytes() // 2:
+            return
+        model = dequantize_model(model)
+        what = f"dequantized from {bits}-bit"
+    else:
+        low = {v.dtype for _, v in params if v.dtype in (mx.bfloat16, mx.float16)}
+        if not low:
+            return
+        what = "cast from " + "/".join(sorted(str(d).split(".")[-1] for d in low))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    teacher.model = model
+    print(
+        f"teacher {teacher.id}: scoring in float32 on the CPU backend ({what}; "
+        f"low-precision matmuls are much slower there)",
+        file=sys.stderr,
+    )

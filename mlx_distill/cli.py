@@ -130,6 +130,25 @@ def train(recipe, **options):
     _run(recipe, TRAIN_STAGES, True, **options)
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(recipe, overrides, as_json):
+    """Predicted peak memory of each stage against this device's (exit 2 if it will not fit)."""
+    from mlx_distill.plan import advice, format_table, plan_recipe
+    from mlx_distill.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    result = plan_recipe(resolved)
+    if as_json:
+        _emit(result, True)
+    else:
+        click.echo(format_table(result))
+    if not result["fits"]:
+        raise BadInput(f"predicted not to fit; try {advice(resolved, result)}")
+
+
 @cli.command("eval")
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)

@@ -140,6 +140,11 @@ def _student_tokenizer_dir(ctx: Context) -> Path:
     return ctx.stage_dir("tokenizer")
 
 
+def _adapters_dir(ctx: Context, run: str) -> Path:
+    """Where a LoRA/DoRA run writes its mlx-lm adapter folder."""
+    return ctx.run_dir / ("student-adapters" if run == "distill" else "baseline-adapters")
+
+
 def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     from mlx_distill.cache import open_cache
     from mlx_distill.models import num_params, save_model
@@ -164,6 +169,15 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         source = open_cache(ctx.stage_dir("cache"), expect=expect)
     else:
         source = _examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
+    adapters = _adapters_dir(ctx, run)
+    if recipe.student.train != "full":
+        from mlx_distill.models.adapters import apply_adapters
+
+        # mlx_lm.load(base, adapter_path=...) needs the base: the pretrained folder, or the
+        # initial weights saved inside the adapter folder.
+        if recipe.student.init != "pretrained":
+            save_model(model, config, _student_tokenizer_dir(ctx), adapters / "base")
+        apply_adapters(model, recipe.student)
     loader = None
     if source is not None:
         loader = _loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
@@ -190,6 +204,14 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")
     stage_json = (ctx.stage_dir(run) / "stage.json").read_text() if run == "baseline" else None
+    adapter_info = {}
+    if recipe.student.train != "full":
+        from mlx_distill.models.adapters import fuse_adapters, num_trainable, save_adapters
+
+        adapter_info = {"adapters": str(adapters), "trainable": num_trainable(model)}
+        base = recipe.student.path if recipe.student.init == "pretrained" else adapters / "base"
+        save_adapters(model, recipe.student, adapters, Path(base).resolve())
+        fuse_adapters(model)  # the exported student loads alone, as after mlx_lm.fuse
     save_model(model, config, _student_tokenizer_dir(ctx), out)
     bits = recipe.export.quantize_bits
     if use_cache and bits:
@@ -200,6 +222,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         (out / "stage.json").write_text(stage_json)
     summary = {
         "parameters": num_params(model),
+        **adapter_info,
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,

@@ -35,6 +35,7 @@ TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
 DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
 TrainOn = Literal["assistant", "last"]  # which assistant turns of a conversation are trained
+StudentTrain = Literal["full", "lora", "dora"]  # which weights train (adapters: base frozen)
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
 DistillMode = Literal["offline", "on_policy", "mixed"]
 OnPolicyLoss = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
@@ -201,6 +202,19 @@ class CacheConfig:
 
 
 @dataclass
+class LoraConfig:
+    """mlx-lm's adapter layers (`linear_to_lora_layers`) for student.train lora | dora."""
+
+    rank: int = 8
+    scale: float = 20.0  # mlx-lm's multiplier of the low-rank update (not alpha / rank)
+    dropout: float = 0.0
+    num_layers: int | None = None  # adapt the last n blocks; None: all
+    # Module paths inside a block (self_attn.q_proj, mlp.down_proj) or top-level (lm_head;
+    # model.embed_tokens for a tied head); None: every linear layer of the blocks.
+    keys: list[str] | None = None
+
+
+@dataclass
 class StudentConfig:
     """The student: from `model` (config), an mlx-lm folder (pretrained) or the teacher's layers."""
 
@@ -209,6 +223,8 @@ class StudentConfig:
     layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer (and the last)
     layers: list[int] | None = None  # init=teacher_layers: keep exactly these (overrides stride)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: StudentTrain = "full"  # lora | dora: adapters on a frozen base (QLoRA if quantized)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -309,6 +325,19 @@ class Recipe:
         for key, value in positive.items():
             if value <= 0:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
+        lora = self.student.lora
+        if lora.rank < 1:
+            raise BadInput(f"recipe key student.lora.rank: must be >= 1, got {lora.rank}")
+        if not 0.0 <= lora.dropout < 1.0:
+            raise BadInput(
+                f"recipe key student.lora.dropout: must be in [0, 1), got {lora.dropout}"
+            )
+        if lora.num_layers is not None and lora.num_layers < 1:
+            raise BadInput(
+                f"recipe key student.lora.num_layers: must be >= 1 or null, got {lora.num_layers}"
+            )
+        if lora.keys is not None and not lora.keys:
+            raise BadInput("recipe key student.lora.keys: empty; null adapts every linear layer")
         for key, t in (("train", self.train), ("teacher.train", self.teacher.train)):
             if t.grad_accum < 1 or t.batch_size % t.grad_accum:
                 raise BadInput(

@@ -45,8 +45,8 @@ UPSTREAM = {
 # Folders a stage writes besides its own; cleared when it starts over.
 OUTPUTS = {
     "teacher": ("checkpoints/teacher",),
-    "distill": ("student", "student-q4", "student-q8", "checkpoints/distill"),
-    "baseline": ("checkpoints/baseline",),
+    "distill": ("student", "student-q4", "student-q8", "student-adapters", "checkpoints/distill"),
+    "baseline": ("checkpoints/baseline", "baseline-adapters"),
 }
 # Entries of a stage folder that starting over never deletes: an API teacher's paid-for answers
 # (their keys say which model and parameters made them; a rerun reads the ones it needs).
@@ -300,6 +300,10 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     check_inputs(recipe, selected)
     contents = _contents(ctx)
     prints, inputs = stage_inputs(recipe, contents)
+    from mlx_distill.plan import check_recipe, format_table
+
+    # Adapter settings mlx-lm cannot build and runs that will not fit stop here, before any work.
+    ctx.log(format_table(check_recipe(recipe, selected, ctx.jobs)))
 
     def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}

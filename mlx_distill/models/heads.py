@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.targets import LogitTransform, QuantizedWeight
+from mlx_distill.models import adapters
 
 EMBED_NAMES = ("embed_tokens", "wte", "tok_embeddings")
 HEAD_NAMES = ("lm_head", "output")
@@ -175,10 +176,15 @@ def lm_head(model: nn.Module) -> Head:
     inner = architecture(lm)
     transform_of = ARCHS.get(inner, ARCHS[model_type])
     fields = transform_of(lm, tied)
-    if "bias" in head_module:
-        fields["bias"] = head_module["bias"]
+    # A LoRA/DoRA-wrapped head (student.train lora | dora): its adapted (V, d) matrix, through
+    # which the adapter's gradients flow; a quantized base is dequantized whole for it.
+    adapted = adapters.head_weight(head_module)
+    base = adapters.base_layer(head_module)
+    if "bias" in base:
+        fields["bias"] = base["bias"]
     transform = LogitTransform(**fields)
-    return Head(_weight_of(head_module, model_type), None if transform.is_identity else transform)
+    weight = adapted if adapted is not None else _weight_of(head_module, model_type)
+    return Head(weight, None if transform.is_identity else transform)
 
 
 def head_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, Head]:

@@ -1,0 +1,353 @@
+"""`mlx-distill plan`: each stage's predicted peak memory against what this device can use.
+
+Models are built as lazy skeletons (shapes and dtypes only; a pretrained folder is mapped, never
+read), so a plan costs no memory and no time. The peak of a training step is the sum of:
+all weights (in train.dtype; quantized weights packed), the trainable weights' gradients, AdamW's
+two fp32 moments (+ fp32 masters below fp32), the activations the backward pass keeps (every
+block's, or with `grad_checkpoint` one hidden state per block plus one block's), the fused loss's
+chunk buffers (chunk x V) with its (V, d) head gradient, and the teacher targets. The terms are
+written out in `train_terms`; `tests/test_plan.py` checks the total against
+`mx.get_peak_memory()` on tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_distill.errors import BadInput
+from mlx_distill.recipe import Recipe
+
+GB = 1 << 30
+# (rows, V) fp32 buffers a sparse loss chunk keeps live at its peak (measured on the CPU: ~2.5;
+# kernels.loss.choose_chunk budgets 4 to stay clear of its limit).
+CHUNK_BUFFERS = 2.5
+# Teacher scoring: logits, tempered logits and normalized log-probs of one (rows, T, V) block.
+SCORE_BUFFERS = 3
+# Per block and token, in units of the activation itemsize: what autodiff keeps for the
+# backward pass of a llama/qwen2 block (norm inputs/outputs, q/k/v and their rotations, the
+# attention output, the MLP's gate/up/activation/product, the residuals).
+ACT_D, ACT_KV, ACT_I, ACT_ATT = 10, 3, 5, 1
+# Extra (H, L) rows per token one block's attention backward holds (score gradients, softmax
+# backward) on top of the two it kept (scores, probabilities).
+ATT_BACKWARD = 4
+
+
+@dataclass
+class Shape:
+    """What the memory model needs to know about one model."""
+
+    layers: int
+    d: int
+    inter: int
+    heads: int
+    kv_dim: int
+    vocab: int
+    weight_bytes: int  # all parameters, as stored for training
+    trainable: int  # trainable parameter count
+    trainable_itemsize: int
+    head_trainable: bool  # is the LM head (or tied embedding) trained?
+
+
+def _nbytes(a: mx.array, dtype=None) -> int:
+    return a.size * (dtype or a.dtype).size
+
+
+def _floating(a: mx.array) -> bool:
+    return mx.issubdtype(a.dtype, mx.floating)
+
+
+def shape_of(model: nn.Module, config: dict, dtype=None) -> Shape:
+    """A `Shape` from a (lazy) model; `dtype`: the dtype floating weights are cast to."""
+    params = tree_flatten(model.parameters())
+    trainable = tree_flatten(model.trainable_parameters())
+    cast = lambda a: dtype if (dtype is not None and _floating(a)) else a.dtype  # noqa: E731
+    head_keys = ("lm_head.", "model.embed_tokens.")
+    d = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // heads
+    return Shape(
+        layers=config["num_hidden_layers"],
+        d=d,
+        inter=config["intermediate_size"],
+        heads=heads,
+        kv_dim=config.get("num_key_value_heads", heads) * head_dim,
+        vocab=config["vocab_size"],
+        weight_bytes=sum(_nbytes(a, cast(a)) for _, a in params),
+        trainable=sum(a.size for _, a in trainable),
+        trainable_itemsize=max((cast(a).size for _, a in trainable), default=4),
+        head_trainable=any(k.startswith(head_keys) for k, _ in trainable),
+    )
+
+
+def _block_act(s: Shape, tokens: int, seq: int, itemsize: int) -> int:
+    """Bytes one block keeps for backward over `tokens` tokens of sequences of length `seq`."""
+    per_token = ACT_D * s.d + ACT_KV * s.kv_dim + ACT_I * s.inter + ACT_ATT * s.heads * seq
+    return tokens * per_token * itemsize
+
+
+def loss_chunk(tokens: int, vocab: int, chunk: int | None, labels_at_t: bool) -> int:
+    """Rows per loss chunk as `distill_loss` picks them."""
+    if chunk is not None:
+        return min(chunk, tokens)
+    from mlx_distill.kernels.loss import choose_chunk
+
+    return choose_chunk(tokens, vocab, 4, False, labels_at_t)
+
+
+def train_terms(
+    s: Shape,
+    *,
+    batch: int,
+    seq: int,
+    k: int,
+    kd: bool,
+    dtype: str = "float32",
+    grad_checkpoint: bool = False,
+    grad_accum: int = 1,
+    chunk: int | None = None,
+) -> dict[str, int]:
+    """Predicted bytes of one training step, by term (their sum is the peak)."""
+    itemsize = getattr(mx, dtype).size
+    micro = batch // grad_accum
+    tokens = micro * seq
+    master = 4 * s.trainable if dtype != "float32" else 0
+    grads = s.trainable * s.trainable_itemsize
+    terms = {
+        "weights": s.weight_bytes,
+        "optimizer": 8 * s.trainable + master,
+        "accumulated_gradients": 4 * s.trainable if grad_accum > 1 else 0,
+        "targets": tokens * (k * 8 if kd else 0) + tokens * 12,
+    }
+    block = _block_act(s, tokens, seq, itemsize)
+    # Kept for the backward pass: every block's activations, or each block's input only.
+    terms["activations"] = (
+        tokens * s.d * itemsize * s.layers if grad_checkpoint else block * s.layers
+    )
+    n = loss_chunk(tokens, s.vocab, chunk, False)
+    # The loss runs at the end of the forward pass: chunk buffers, the (V, d) head gradient and
+    # dh (N, d) in fp32, and fp32 copies of the head and hidden states when they are not fp32.
+    head = 4 * s.vocab * s.d * (2 if itemsize != 4 else 1)
+    loss = int(CHUNK_BUFFERS * n * s.vocab * 4) + head + tokens * s.d * 4 * 2
+    # Then the backward pass: the gradients (and, checkpointed, one block recomputed at a time).
+    attention = tokens * ATT_BACKWARD * s.heads * seq * itemsize
+    backward = grads + (block if grad_checkpoint else 0) + attention
+    if loss >= backward:
+        terms["loss"] = loss
+    else:
+        terms["gradients"] = backward
+    return terms
+
+
+def score_terms(s: Shape, *, batch: int, seq: int, max_logits_mb: int = 256) -> dict[str, int]:
+    """Predicted bytes of a local teacher's scoring pass (`teachers.local.LocalTeacher.score`)."""
+    rows = max(1, min(batch, (max_logits_mb << 20) // max(1, s.vocab * seq * 4)))
+    tokens = rows * seq
+    forward = tokens * (4 * s.d + 2 * s.inter) * 4 + rows * s.heads * seq * seq * 4 * 2
+    return {
+        "weights": s.weight_bytes,
+        "activations": forward,
+        "logits": SCORE_BUFFERS * tokens * s.vocab * 4,
+    }
+
+
+def eval_terms(shapes: list[Shape], *, batch: int, seq: int) -> dict[str, int]:
+    """Every evaluated model is loaded at once; the largest one's batch transients on top."""
+    big = max(shapes, key=lambda s: s.weight_bytes)
+    kv = batch * seq * big.layers * 2 * big.kv_dim * 4
+    ppl_tokens = 32 * seq  # evaluate.perplexity's batch
+    n = loss_chunk(ppl_tokens, big.vocab, None, False)
+    transient = max(kv + batch * big.vocab * 4 * 2, ppl_tokens * (big.inter + 4 * big.d) * 4)
+    return {
+        "weights": sum(s.weight_bytes for s in shapes),
+        "activations": transient,
+        "loss": 2 * n * big.vocab * 4,
+    }
+
+
+# -- skeletons from a recipe ------------------------------------------------------------------
+
+
+def _folder_skeleton(path: Path) -> tuple[nn.Module, dict]:
+    from mlx_lm.utils import load_model
+
+    if not (path / "config.json").is_file():
+        raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
+    return load_model(path, lazy=True)
+
+
+def _vocab(recipe: Recipe) -> int:
+    if recipe.tokenizer.path:
+        from mlx_distill.text.tokenizer import load_tokenizer
+
+        return len(load_tokenizer(recipe.tokenizer.path).get_vocab())
+    return recipe.tokenizer.vocab_size
+
+
+def _teacher_skeleton(recipe: Recipe) -> tuple[nn.Module, dict] | None:
+    from mlx_distill.models import model_config_dict, model_from_config
+
+    t = recipe.teacher
+    if t.kind != "local":
+        return None
+    trained = Path(recipe.runs_dir) / recipe.name / "teacher" / "teacher.json"
+    path = t.path or (json.loads(trained.read_text())["path"] if trained.exists() else None)
+    if path:
+        return _folder_skeleton(Path(path))
+    config = model_config_dict(t.model, _vocab(recipe))
+    return model_from_config(config), config
+
+
+def student_skeleton(recipe: Recipe) -> tuple[nn.Module, dict]:
+    """The student as the distill stage builds it (before adapters), with lazy weights."""
+    from mlx_distill.models import model_config_dict, model_from_config
+
+    s = recipe.student
+    if s.init == "pretrained":
+        return _folder_skeleton(Path(s.path))
+    if s.init == "teacher_layers":
+        teacher = _teacher_skeleton(recipe)
+        if teacher is None:
+            raise BadInput("recipe key student.init: teacher_layers needs a local teacher")
+        config = dict(teacher[1])
+        n = config["num_hidden_layers"]
+        keep = set(s.layers) if s.layers else set(range(0, n, s.layer_stride)) | {n - 1}
+        config["num_hidden_layers"] = len(keep)
+        config.pop("quantization", None)
+        return model_from_config(config), config
+    config = model_config_dict(s.model, _vocab(recipe))
+    return model_from_config(config), config
+
+
+def device_memory() -> tuple[int, str]:
+    """Bytes this device can use, and where the number comes from."""
+    from mlx_distill import backend
+
+    if backend.device() == "metal":
+        info = mx.device_info()
+        size = info.get("max_recommended_working_set_size")
+        if size:
+            return int(size), "Metal recommended working set"
+    if backend.device() == "cuda":
+        return int(mx.device_info().get("memory_size", 0)), "GPU memory"
+    return backend.memory_bytes(), "RAM"
+
+
+def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) -> dict:
+    """Predicted peak of each stage of `recipe` (those in `stages`, default all its stages);
+    with `jobs` > 1 distill and baseline train side by side, so their sum must fit too.
+
+    Also checks the adapter setting against the student (BadInput for what mlx-lm cannot do).
+    """
+    from mlx_distill.models.adapters import apply_adapters
+
+    stages = [st for st in recipe.stages if stages is None or st in stages]
+    t = recipe.train
+    seq = recipe.data.max_seq_len
+    out: dict[str, dict] = {}
+    # Lazy random weights draw from MLX's global key; every stage seeds before it builds.
+    teacher = _teacher_skeleton(recipe) if recipe.teacher.kind == "local" else None
+    teacher_shape = shape_of(*teacher) if teacher else None
+    student = None
+    if {"distill", "baseline", "eval"} & set(stages):
+        model, config = student_skeleton(recipe)
+        apply_adapters(model, recipe.student)  # checks keys, rank, DoRA, quantized + full
+        student = shape_of(model, config, getattr(mx, t.dtype))
+    if "teacher" in stages and teacher_shape and recipe.teacher.path is None:
+        tt = recipe.teacher.train
+        out["teacher"] = train_terms(
+            teacher_shape,
+            batch=tt.batch_size,
+            seq=seq,
+            k=0,
+            kd=False,
+            dtype=tt.dtype,
+            grad_checkpoint=tt.grad_checkpoint,
+            grad_accum=tt.grad_accum,
+        )
+    if "cache" in stages and teacher_shape:
+        out["cache"] = score_terms(teacher_shape, batch=recipe.cache.batch_size, seq=seq + 1)
+    options = dict(
+        batch=t.batch_size,
+        seq=seq,
+        dtype=t.dtype,
+        grad_checkpoint=t.grad_checkpoint,
+        grad_accum=t.grad_accum,
+        chunk=recipe.loss.chunk_size,
+    )
+    if "distill" in stages and student:
+        kd = recipe.loss.kind != "ce" and recipe.teacher.kind == "local"
+        out["distill"] = train_terms(student, k=recipe.cache.k, kd=kd, **options)
+    if "baseline" in stages and student:
+        out["baseline"] = train_terms(student, k=0, kd=False, **options)
+    if "eval" in stages and student:
+        shapes = [student] * (1 + ("baseline" in recipe.stages)) + (
+            [teacher_shape] if teacher_shape else []
+        )
+        out["eval"] = eval_terms(
+            shapes, batch=recipe.eval.batch_size, seq=seq + recipe.eval.max_new_tokens
+        )
+    budget, source = device_memory()
+    result = {"device_bytes": budget, "device_source": source, "stages": {}}
+    for name, terms in out.items():
+        result["stages"][name] = {"peak_bytes": sum(terms.values()), "terms": terms}
+    if jobs > 1 and {"distill", "baseline"} <= set(out):
+        both = {f"{k}_{n}": v for n in ("distill", "baseline") for k, v in out[n].items()}
+        result["stages"]["distill+baseline"] = {"peak_bytes": sum(both.values()), "terms": both}
+    result["fits"] = all(v["peak_bytes"] <= budget for v in result["stages"].values())
+    return result
+
+
+def advice(recipe: Recipe, plan: dict) -> str:
+    """What to change, in one line, for the stages that do not fit."""
+    budget = plan["device_bytes"]
+    over = [n for n, v in plan["stages"].items() if v["peak_bytes"] > budget]
+    tips = []
+    if "distill+baseline" in over:
+        tips.append("--jobs 1")
+    if {"distill", "baseline", "teacher"} & set(over):
+        t = recipe.train
+        if not t.grad_checkpoint:
+            tips.append("train.grad_checkpoint=true")
+        if recipe.student.train == "full":
+            tips.append("student.train=lora")
+        tips.append(f"train.grad_accum={t.grad_accum * 2} (or a smaller train.batch_size)")
+    if "cache" in over:
+        tips.append("a smaller cache.batch_size or a 4-bit teacher")
+    if "eval" in over:
+        tips.append("a smaller eval.batch_size or a 4-bit teacher")
+    return ", ".join(tips)
+
+
+def format_table(plan: dict) -> str:
+    """The plan as a small text table."""
+    budget = plan["device_bytes"]
+    lines = [f"memory plan ({plan['device_source']}: {budget / GB:.1f} GB usable)"]
+    for name, v in plan["stages"].items():
+        peak = v["peak_bytes"]
+        top = sorted(v["terms"].items(), key=lambda kv: -kv[1])[:3]
+        parts = ", ".join(f"{k} {b / GB:.2f}" for k, b in top)
+        mark = "ok" if peak <= budget else "DOES NOT FIT"
+        lines.append(f"  {name:<16} {peak / GB:7.2f} GB  {mark:<12} ({parts})")
+    return "\n".join(lines)
+
+
+def check_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) -> dict:
+    """`plan_recipe`, refusing (BadInput) a run predicted not to fit this device."""
+    plan = plan_recipe(recipe, stages, jobs)
+    if not plan["fits"] and not os.environ.get("MLX_DISTILL_NO_PLAN_CHECK"):
+        over = [kv for kv in plan["stages"].items() if kv[1]["peak_bytes"] > plan["device_bytes"]]
+        single = [kv for kv in over if "+" not in kv[0]]  # name a stage before a pair of them
+        worst = max(single or over, key=lambda kv: kv[1]["peak_bytes"])
+        raise BadInput(
+            f"stage {worst[0]} is predicted to need {worst[1]['peak_bytes'] / GB:.1f} GB, more "
+            f"than the {plan['device_bytes'] / GB:.1f} GB this device can use "
+            f"({plan['device_source']}); try {advice(recipe, plan)} (mlx-distill plan RECIPE)"
+        )
+    return plan

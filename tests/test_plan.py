@@ -1,0 +1,118 @@
+"""`plan`: predicted training peaks against `mx.get_peak_memory()`, and refusals before work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mlx_distill.models import model_config_dict, model_from_config
+from mlx_distill.models.adapters import apply_adapters
+from mlx_distill.plan import shape_of, train_terms
+from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Real training steps (the trainer's own step and loss) in a fresh process; the peak of each
+# config's second step, with nothing of the previous config left alive.
+MEASURE = """
+import json, sys
+import mlx_distill
+import mlx.core as mx, mlx.optimizers as optim, numpy as np
+from mlx_distill.models import build_model
+from mlx_distill.models.adapters import apply_adapters
+from mlx_distill.recipe import LoraConfig, LossConfig, ModelConfig, StudentConfig, TrainConfig
+from mlx_distill.train.recompute import checkpoint_blocks
+from mlx_distill.train.step import make_step
+from mlx_distill.train.trainer import make_loss
+import gc
+def measure(c):
+    mx.random.seed(0)
+    model, _ = build_model(ModelConfig(**c["model"]), c["V"])
+    apply_adapters(model, StudentConfig(train=c["train"], lora=LoraConfig(rank=8)))
+    cfg = TrainConfig(batch_size=c["B"], grad_checkpoint=c["ckpt"])
+    opt = optim.AdamW(1e-4)
+    opt.init(model.trainable_parameters())
+    step = make_step(model, opt, make_loss(LossConfig(kind="forward_kl")), cfg)
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
+    rng = np.random.default_rng(0)
+    B, L, V, k = c["B"], c["L"], c["V"], 16
+    tokens = mx.array(rng.integers(0, V, (B, L)), dtype=mx.int32)
+    mask = mx.ones((B, L), dtype=mx.bool_)
+    ids = mx.array(rng.integers(0, V, (B, L, k)), dtype=mx.int32)
+    lp = mx.array(np.log(rng.dirichlet(np.ones(k), (B, L)) * 0.9), dtype=mx.float32)
+    for _ in range(2):  # the second step: compiled, optimizer state allocated
+        mx.eval(model.state, opt.state)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(step((tokens, tokens, mask, ids, lp)), model.state, opt.state)
+    return mx.get_peak_memory()
+peaks = []
+for c in json.loads(sys.argv[1]):
+    peaks.append(measure(c))
+    gc.collect()
+    mx.clear_cache()
+print(json.dumps(peaks))
+"""
+
+MODEL = dict(hidden_size=96, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=256)
+CONFIGS = [  # full and LoRA, two vocabularies, two sequence lengths, with and without ckpt
+    {"train": "full", "V": 4000, "B": 4, "L": 128, "ckpt": False},
+    {"train": "full", "V": 30000, "B": 2, "L": 128, "ckpt": False},
+    {"train": "lora", "V": 30000, "B": 2, "L": 256, "ckpt": False},
+    {"train": "lora", "V": 2000, "B": 2, "L": 1024, "ckpt": True},
+]
+
+
+def _predicted(c):
+    config = model_config_dict(ModelConfig(**MODEL), c["V"])
+    model = model_from_config(config)  # lazy: nothing is allocated
+    apply_adapters(model, StudentConfig(train=c["train"], lora=LoraConfig(rank=8)))
+    terms = train_terms(
+        shape_of(model, config),
+        batch=c["B"],
+        seq=c["L"],
+        k=16,
+        kd=True,
+        grad_checkpoint=c["ckpt"],
+    )
+    return sum(terms.values())
+
+
+def test_predicted_peak_within_25_percent_of_measured():
+    arg = json.dumps([dict(c, model=MODEL) for c in CONFIGS])
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, arg], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ratios = [_predicted(c) / m for c, m in zip(CONFIGS, json.loads(proc.stdout))]
+    assert all(0.75 <= r <= 1.25 for r in ratios), ratios
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_distill", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_plan_json_names_each_stage():
+    proc = _cli("plan", "recipes/quickstart.yaml", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert set(plan["stages"]) == {"cache", "distill", "baseline", "eval"}
+    assert plan["fits"] and plan["device_bytes"] > 0
+    distill = plan["stages"]["distill"]
+    assert distill["peak_bytes"] == sum(distill["terms"].values())
+
+
+def test_run_predicted_not_to_fit_is_refused_before_any_work(tmp_path):
+    sets = ["--set", f"runs_dir={tmp_path}", "--set", "train.batch_size=200000"]
+    proc = _cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
+    assert proc.returncode == 2
+    assert "stage distill is predicted to need" in proc.stderr
+    assert "train.grad_checkpoint=true" in proc.stderr and "student.train=lora" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -303,7 +303,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     from mlx_distill.plan import check_recipe, format_table
 
     # Adapter settings mlx-lm cannot build and runs that will not fit stop here, before any work.
-    ctx.log(format_table(check_recipe(recipe, selected, ctx.jobs)))
+    plan = check_recipe(recipe, selected, ctx.jobs)
 
     def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}
@@ -318,6 +318,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             lock.claim()
             if not lock.inherited:  # a side process runs its parent's resolved recipe
                 _write_recipe(ctx)
+        ctx.log(format_table(plan))
         return _run_selected(ctx, enabled, selected, prints, inputs, force, current, contents)
 
 

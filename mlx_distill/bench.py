@@ -17,8 +17,10 @@ def _parse_size(size: str | None) -> tuple[int, int, int] | None:
     return n, v, d
 
 
-def run_bench(what: str, size: str | None = None) -> dict:
-    """Run benchmark `what` (loss, step, cache, teacher or all) and return its results."""
+def run_bench(what: str, size: str | None = None, step: dict | None = None) -> dict:
+    """Run benchmark `what` (loss, step, cache, teacher or all) and return its results.
+
+    step: keyword arguments of `train.bench.bench_step` (layers, batch, seq, ...)."""
     parsed = _parse_size(size)
     out: dict = {}
     if what in ("loss", "all"):
@@ -28,7 +30,7 @@ def run_bench(what: str, size: str | None = None) -> dict:
     if what in ("step", "all"):
         from mlx_distill.train.bench import bench_step
 
-        out["step"] = bench_step()
+        out["step"] = bench_step(**(step or {}))
     if what in ("cache", "all"):
         from mlx_distill.cache.bench import bench_cache
 

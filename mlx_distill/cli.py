@@ -224,12 +224,42 @@ def cache_repair(path, as_json, no_progress):
     "what", type=click.Choice(["loss", "step", "cache", "teacher", "all"]), default="all"
 )
 @click.option("--size", default=None, help="Loss size N,V,d (bench loss).")
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="bench step: blocks of the Qwen2.5-0.5B-shaped model.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="bench step: sequences per step.",
+)
+@click.option(
+    "--seq",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="bench step: tokens per sequence.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="bench step: timed steps per variant (after one warm-up step).",
+)
+@click.option("--grad-checkpoint", is_flag=True, help="bench step: checkpoint every block.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(what, size, as_json):
-    """Benchmarks: fused loss, training step, cache, teacher client."""
+def bench(what, size, layers, batch, seq, steps, grad_checkpoint, as_json):
+    """Benchmarks: fused loss, training step (against mlx-lm's), cache, teacher client."""
     from mlx_distill.bench import run_bench
 
-    _emit(run_bench(what, size), as_json)
+    step = dict(layers=layers, batch=batch, seq=seq, steps=steps, grad_checkpoint=grad_checkpoint)
+    _emit(run_bench(what, size, step), as_json)
 
 
 @cli.command()

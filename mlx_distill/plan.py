@@ -131,9 +131,10 @@ def train_terms(
         tokens * s.d * itemsize * s.layers if grad_checkpoint else block * s.layers
     )
     n = loss_chunk(tokens, s.vocab, chunk, False)
-    # The loss runs at the end of the forward pass: chunk buffers, the (V, d) head gradient and
-    # dh (N, d) in fp32, and fp32 copies of the head and hidden states when they are not fp32.
-    head = 4 * s.vocab * s.d * (2 if itemsize != 4 else 1)
+    # The loss runs at the end of the forward pass: chunk buffers, the (V, d) head gradient (a
+    # trained head only) and dh (N, d) in fp32, and fp32 copies of head and hidden states when
+    # they are not fp32.
+    head = 4 * s.vocab * s.d * ((1 if s.head_trainable else 0) + (1 if itemsize != 4 else 0))
     loss = int(CHUNK_BUFFERS * n * s.vocab * 4) + head + tokens * s.d * 4 * 2
     # Then the backward pass: the gradients (and, checkpointed, one block recomputed at a time).
     attention = tokens * ATT_BACKWARD * s.heads * seq * itemsize

@@ -14,6 +14,7 @@ from test_trainer import _examples, _train
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
+from mlx_distill.kernels import distill_loss
 from mlx_distill.models import build_model, hidden_states, lm_head_weight
 from mlx_distill.models.adapters import apply_adapters, fuse_adapters
 from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig, TrainConfig
@@ -83,6 +84,25 @@ def test_adapters_train_only_themselves_and_fuse_exactly(tmp_path, train, keys, 
     fused = dict(tree_flatten(model.parameters()))
     assert sorted(fused) == sorted(base)  # plain layers again, under the base's names
     np.testing.assert_allclose(np.array(model(tokens)), np.array(logits), rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_head_forms_no_weight_gradient_and_the_rest_is_unchanged():
+    rng = np.random.default_rng(7)
+    hidden = mx.array(rng.normal(size=(37, 16)), dtype=mx.float32)
+    weight = mx.array(rng.normal(size=(301, 16)) * 0.3, dtype=mx.float32)
+    labels = mx.array(rng.integers(0, 301, 37), dtype=mx.int32)
+
+    def loss(h, w, frozen):
+        out, _ = distill_loss(
+            h, w, None, kind="ce", labels=labels, chunk_size=16, weight_grad=not frozen
+        )
+        return out
+
+    both = mx.value_and_grad(lambda h, w: loss(h, w, False), argnums=(0, 1))(hidden, weight)
+    frozen = mx.value_and_grad(lambda h, w: loss(h, w, True), argnums=(0, 1))(hidden, weight)
+    assert float(both[0]) == float(frozen[0])
+    np.testing.assert_array_equal(np.array(frozen[1][0]), np.array(both[1][0]))  # dh
+    assert float(mx.abs(both[1][1]).max()) > 0 and float(mx.abs(frozen[1][1]).max()) == 0
 
 
 def test_qlora_trains_adapters_on_a_quantized_base(tmp_path):

@@ -156,6 +156,7 @@ def distill_loss(
     chunk_size: int | None = None,
     rows=None,
     transform: LogitTransform | None = None,
+    weight_grad: bool = True,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Fused LM head + distillation loss; never materializes the (N, V) logits.
 
@@ -181,6 +182,9 @@ def distill_loss(
         transform: the architecture's logits transform (`LogitTransform`: scale, final softcap,
             bias, ids forced to -inf), applied to `z` inside each chunk with its gradient.
             `models.lm_head(model)` gives weight and transform for a loaded mlx-lm model.
+        weight_grad: False when the head is frozen (a LoRA student whose head is not adapted):
+            the (V, d) head gradient is then never formed (one matmul per chunk and a (V, d)
+            fp32 buffer saved) and the weight's cotangent is zero.
 
     Returns:
         (loss, metrics): scalar loss, and {"ce", "kd", "covered_mass"}: means over unmasked
@@ -259,6 +263,7 @@ def distill_loss(
         has_labels=has_labels,
         chunk=max(chunk, 1),
         grad_in_forward=_grad_in_forward.get(),
+        weight_grad=bool(weight_grad),
         **_head_spec(weight, transform),
     )
     if rows is None:

@@ -52,6 +52,12 @@ class Spec:
     has_bias: bool = False
     masked: bool = False
     quant: tuple | None = None  # (group_size, bits, mode) for a QuantizedWeight
+    # False for a frozen head (LoRA elsewhere): no (V, d) dW is formed, its cotangent is zero.
+    weight_grad: bool = True
+
+    @property
+    def forms_dW(self) -> bool:
+        return self.quant is None and self.weight_grad
 
     @property
     def plain_head(self) -> bool:
@@ -379,6 +385,8 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None,
             dhs.append(head.matmul(spec, dz, Wc))
             continue
         dhs.append(_dz_times_w(dz, Wc))
+        if not spec.weight_grad:
+            continue
         dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
     if not want_grad:
         return sums, None, None, None
@@ -433,7 +441,7 @@ def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskve
         h, W, head_in, extras = primals
         if spec.grad_in_forward:
             grads = list(outputs[:-4])
-            dW = grads.pop(0) if spec.quant is None else None
+            dW = grads.pop(0) if spec.forms_dW else None
             dh = grads.pop(0)
             db = grads.pop(0) if bias is not None else None
             g = cotangents[-4]
@@ -441,8 +449,10 @@ def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskve
             g = cotangents[0]
             _, dh, dW, db = run_chunks(spec, rows, h, W, extras, True, *unpack(head_in))
         g = g.astype(dh.dtype)
-        if spec.quant is None:
+        if spec.forms_dW:
             dW_out = (g * dW).astype(W.dtype)
+        elif spec.quant is None:
+            dW_out = mx.zeros_like(W)
         else:
             dW_out = [mx.zeros_like(x) for x in W]
         head_out = []

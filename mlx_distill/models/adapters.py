@@ -207,5 +207,15 @@ def head_weight(layer: nn.Module) -> mx.array | None:
     return adapted
 
 
+HEAD_MODULES = {"lm_head", "output", "embed_tokens", "wte", "tok_embeddings"}
+
+
+def head_trains(model: nn.Module) -> bool:
+    """Does any trainable parameter belong to the LM head or the (tied) token embedding?"""
+    return any(
+        HEAD_MODULES & set(k.split(".")) for k, _ in tree_flatten(model.trainable_parameters())
+    )
+
+
 def num_trainable(model: nn.Module) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_distill.kernels import SparseTargets, distill_loss
 from mlx_distill.models import head_inputs
+from mlx_distill.models.adapters import head_trains
 from mlx_distill.recipe import LossConfig, TrainConfig
 from mlx_distill.train.recompute import checkpoint_blocks
 from mlx_distill.train.step import batch_arrays, make_master, make_step, master_to_model
@@ -56,6 +57,8 @@ def make_loss(loss_cfg: LossConfig | None):
     def loss_fn(model, tokens, labels, mask, ids, logprobs):
         # the LM-head contract: weight wherever the architecture keeps it, plus its transform
         hidden, head = head_inputs(model, tokens)
+        # A frozen head (LoRA on other layers) needs no (V, d) gradient.
+        weight_grad = head_trains(model)
         if loss_cfg is None or ids is None:
             return distill_loss(
                 hidden,
@@ -65,6 +68,7 @@ def make_loss(loss_cfg: LossConfig | None):
                 labels=labels,
                 mask=mask,
                 transform=head.transform,
+                weight_grad=weight_grad,
             )
         return distill_loss(
             hidden,
@@ -79,6 +83,7 @@ def make_loss(loss_cfg: LossConfig | None):
             mask=mask,
             chunk_size=loss_cfg.chunk_size,
             transform=head.transform,
+            weight_grad=weight_grad,
         )
 
     return loss_fn

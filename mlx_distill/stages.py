@@ -287,7 +287,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     The resolved recipe is written only when a stage is about to run.
     """
     from mlx_distill.preflight import check_inputs
-    from mlx_distill.runlock import RunLock
+    from mlx_distill.runlock import PARENT_ENV, RunLock
 
     recipe = ctx.recipe
     enabled = [s for s in STAGES if s in recipe.stages]
@@ -303,7 +303,9 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     from mlx_distill.plan import check_recipe, format_table
 
     # Adapter settings mlx-lm cannot build and runs that will not fit stop here, before any work.
-    plan = check_recipe(recipe, selected, ctx.jobs)
+    # A side process skips it: its parent planned both runs (and it must watch its parent soon).
+    side_process = bool(os.environ.get(PARENT_ENV))
+    plan = None if side_process else check_recipe(recipe, selected, ctx.jobs)
 
     def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}
@@ -318,7 +320,8 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
             lock.claim()
             if not lock.inherited:  # a side process runs its parent's resolved recipe
                 _write_recipe(ctx)
-        ctx.log(format_table(plan))
+        if plan is not None:
+            ctx.log(format_table(plan))
         return _run_selected(ctx, enabled, selected, prints, inputs, force, current, contents)
 
 

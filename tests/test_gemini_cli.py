@@ -183,7 +183,7 @@ def test_retry_failed_asks_exactly_the_failed_prompts(tmp_path):
         assert dict(fake.attempts) == attempts
         rows_before = stage(tmp_path, "cache")["result"]["rows"]
         out = cli("teach", recipe, "--retry-failed")
-        assert "--retry-failed" in out.stderr
+        assert "[teacher] --retry-failed" in out.stderr and "[cache] --retry" not in out.stderr
         asked = {p: n - attempts.get(p, 0) for p, n in fake.attempts.items()}
         assert {p for p, n in asked.items() if n} == {"Flaky one? [500x3]", "Bad one? [400]"}
         assert fake.answered["Flaky one? [500x3]"] == 1

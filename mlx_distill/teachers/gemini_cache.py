@@ -106,7 +106,7 @@ def build_gemini_cache(ctx: Context) -> dict[str, Any]:
     partial = {
         "prompts": len(keys),
         "answered": answered,
-        "failed_prompts": len(stored) - answered,
+        "failed": len(stored) - answered,  # not "failed_prompts": --retry-failed reruns the teacher
         "unasked": unasked,
         "partial": unasked > 0,
     }
@@ -162,7 +162,7 @@ def report_line(result: dict[str, Any]) -> str:
     cov = result["coverage"]
     line = (
         f"Teacher data: {result['prompts_used']} of {result['prompts']} prompts used "
-        f"({result['answered']} answered, {result['failed_prompts']} failed, "
+        f"({result['answered']} answered, {result['failed']} failed, "
         f"{result['unasked']} not asked"
         + ("; a partial teach, allowed by teacher.allow_partial" if result["partial"] else "")
         + f"; {cov['skipped']} answers left out as failed or cut off)."

@@ -54,6 +54,8 @@ class Loader:
 
     source: an opened TokenCache (batches carry targets) or a list of TokenizedExample (targets
     None). seq_len L: rows are padded/truncated to L input tokens (L + 1 tokens incl. labels).
+    rank, world: in a distributed run, batches hold this rank's batch_size / world rows of the
+    global batch (the same global batches for any world size).
     """
 
     def __init__(
@@ -66,9 +68,16 @@ class Loader:
         shuffle: bool = True,
         prefetch: int = 2,
         pack: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise BadInput("loader batch_size and seq_len must be > 0")
+        if batch_size % world:
+            raise BadInput(f"batch size {batch_size} does not divide by the {world} ranks")
+        # Distributed: every rank walks the same global batches and keeps rows
+        # [rank * B / W, (rank + 1) * B / W) of each; the position is the global one.
+        self.rank, self.world, self.local_rows = rank, world, batch_size // world
         self.source = source
         self.has_targets = isinstance(source, TokenCache)
         self.rows = len(source)
@@ -106,13 +115,16 @@ class Loader:
 
     def _make(self, position: int) -> tuple[dict[str, np.ndarray], int]:
         """Build the batch starting at stream `position`; return it and the next position."""
-        B, L, K = self.batch_size, self.seq_len, self.k_slots
+        B, L, K = self.local_rows, self.seq_len, self.k_slots
+        first = self.rank * B  # this rank's first row of the global batch
         tokens = np.zeros((B, L), dtype=np.int32)
         labels = np.zeros((B, L), dtype=np.int32)
         mask = np.zeros((B, L), dtype=bool)
         ids = np.zeros((B, L, K), dtype=np.int32) if self.has_targets else None
         lps = np.full((B, L, K), -np.inf, dtype=np.float32) if self.has_targets else None
-        for b in range(B):
+        for g in range(self.batch_size):
+            b = g - first  # row in this rank's arrays; other ranks' rows only advance position
+            mine = 0 <= b < B
             offset = 0
             while offset < L:
                 if self.pack and offset > 0:
@@ -120,13 +132,17 @@ class Loader:
                     length = self._length_at(position)
                     if offset + length > L:
                         break
-                row = self._read(self._row_at(position))
+                if mine:
+                    row = self._read(self._row_at(position))
+                    self._place(row, b, offset, tokens, labels, mask, ids, lps)
+                    length = len(row[0])
+                else:
+                    length = self._length_at(position) if self.pack else 0
                 position += 1
-                self._place(row, b, offset, tokens, labels, mask, ids, lps)
-                offset += max(1, len(row[0]))
+                offset += max(1, length)
                 if not self.pack:
                     break
-            if self.pack:
+            if self.pack and mine:
                 # across a document boundary the label is the next document's first token (masked)
                 end = min(offset, L)
                 labels[b, : end - 1] = tokens[b, 1:end]

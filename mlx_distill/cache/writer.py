@@ -8,6 +8,11 @@ the manifest does not list yet (rewritten, identically, on the next run) and str
 (removed). Running again with the same arguments writes the missing shards only, so every row ends
 up present exactly once. The manifest's `data_sha256` (a hash of every example's tokens and mask)
 refuses a resume onto different examples.
+
+Distributed (`world > 1`): rank r scores the shards whose index is r modulo world and records
+them in its own `manifest.rank-R.json` after each shard (so each rank resumes on its own, and a
+resume with another world size reuses every finished shard). When all ranks are done, rank 0's
+`merge_rank_manifests` checks every shard's checksum and writes the one `manifest.json`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +49,16 @@ def build_token_cache(
     seed: int = 0,
     fingerprint: dict | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
     """Score `examples` with `teacher` (a LocalTeacher) into a cache at `out_dir`.
 
     targets: "topk" keeps k ids per position; "sample" draws `samples` ids per position (RS-KD).
     fingerprint: extra fields the targets depend on (chat template hash, the student tokenizer's
     `vocab_hash`, ...). A `vocab_hash` that differs from the teacher's is refused: token targets
-    need a shared tokenizer. Returns the manifest.
+    need a shared tokenizer. rank/world: score only this rank's shards (see the module
+    docstring; the result is then this rank's partial manifest). Returns the manifest.
     """
     if targets not in ("topk", "sample"):
         raise BadInput(f"cache targets {targets!r}: expected topk or sample")
@@ -96,33 +106,104 @@ def build_token_cache(
         },
         "shards": [],
     }
-    with open(out_dir / ".lock", "a+") as lock:
-        try:  # one writer per cache: a second one would delete the first one's temp files
+    n_shards = (total + shard_rows - 1) // shard_rows
+    mine = [i for i in range(n_shards) if i % world == rank]
+    lock_name = ".lock" if world == 1 else f".lock-rank{rank}"
+    with open(out_dir / lock_name, "a+") as lock:
+        try:  # one writer per cache (per rank): a second one would delete its temp files
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BadInput(f"{out_dir}: another process is writing this cache") from None
         if (out_dir / fmt.MANIFEST).exists():
             manifest = _resume(out_dir, manifest)
-        for stray in out_dir.glob("*.tmp*"):
-            stray.unlink()
-        _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, samples, seed)
+        if world > 1:
+            manifest["shards"] = _finished_shards(out_dir, manifest)
+        # Strays: every temp file alone, or (distributed) those of this rank's own shards.
+        strays = ["*.tmp*"] if world == 1 else [fmt.shard_name(i) + ".tmp*" for i in mine]
+        for pattern in strays + ([_rank_file(rank) + ".tmp*"] if world > 1 else []):
+            for stray in out_dir.glob(pattern):
+                stray.unlink()
+        save = fmt.write_manifest if world == 1 else partial(_write_rank, rank=rank)
+        _write_shards(
+            teacher, examples, out_dir, manifest, progress, batch_size, samples, seed, mine, save
+        )
     return manifest
 
 
-def _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, samples, seed):
-    """Score and write every shard the manifest does not list yet, updating it after each."""
+def _rank_file(rank: int) -> str:
+    return f"manifest.rank-{rank}.json"
+
+
+def _write_rank(out_dir: Path, manifest: dict, rank: int) -> None:
+    """Replace this rank's partial manifest atomically (temp, fsync, rename)."""
+    file = out_dir / _rank_file(rank)
+    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def _finished_shards(out_dir: Path, manifest: dict) -> list[dict]:
+    """Shards of `manifest` and of every rank's partial manifest made with the same settings,
+    whose file is present with its recorded checksum; one entry per index, sorted."""
+    found = {s["index"]: s for s in manifest["shards"]}
+    for file in sorted(out_dir.glob("manifest.rank-*.json")):
+        try:
+            other = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged partial manifest: its shards are scored again
+        keys = ("fingerprint", "data_sha256", "shard_rows", "total_rows", "seed")
+        if any(other.get(k) != manifest[k] for k in keys):
+            continue
+        for shard in other.get("shards", []):
+            found.setdefault(shard["index"], shard)
+    return [
+        s
+        for _, s in sorted(found.items())
+        if (out_dir / s["file"]).is_file() and fmt.file_sha256(out_dir / s["file"]) == s["sha256"]
+    ]
+
+
+def merge_rank_manifests(out_dir: str | Path) -> dict:
+    """After every rank's `build_token_cache`: verify all shards, write the one manifest.json,
+    remove the partial manifests. RuntimeError when a shard is missing or damaged."""
+    out_dir = Path(out_dir)
+    partial_files = sorted(out_dir.glob("manifest.rank-*.json"))
+    if not partial_files:
+        raise RuntimeError(f"{out_dir}: no rank manifests to merge")
+    manifest = json.loads(partial_files[0].read_text())
+    manifest["shards"] = _finished_shards(out_dir, manifest)
+    _summarize(manifest)
+    if not manifest["complete"]:
+        have = {s["index"] for s in manifest["shards"]}
+        n_shards = (manifest["total_rows"] + manifest["shard_rows"] - 1) // manifest["shard_rows"]
+        missing = [i for i in range(n_shards) if i not in have]
+        raise RuntimeError(f"{out_dir}: shards {missing} are missing or damaged after all ranks")
+    fmt.write_manifest(out_dir, manifest)
+    for file in partial_files:
+        file.unlink()
+    return manifest
+
+
+def _write_shards(
+    teacher, examples, out_dir, manifest, progress, batch_size, samples, seed, indices, save
+):
+    """Score and write each shard of `indices` the manifest does not list yet; `save` the
+    manifest after each."""
     fp = manifest["fingerprint"]
     targets, k, temperature = fp["targets"], fp["k"], fp["temperature"]
     total, shard_rows = manifest["total_rows"], manifest["shard_rows"]
     done = {s["index"] for s in manifest["shards"]}
-    n_shards = (total + shard_rows - 1) // shard_rows
     bar = None
     if progress:
         from tqdm import tqdm
 
-        done_rows = sum(s["rows"] for s in manifest["shards"])
-        bar = tqdm(total=total, initial=done_rows, unit="row", desc="teacher cache")
-    for index in range(n_shards):
+        todo = sum(min(total, (i + 1) * shard_rows) - i * shard_rows for i in indices)
+        done_rows = sum(s["rows"] for s in manifest["shards"] if s["index"] in set(indices))
+        bar = tqdm(total=todo, initial=done_rows, unit="row", desc="teacher cache")
+    for index in indices:
         if index in done:
             continue
         lo, hi = index * shard_rows, min(total, (index + 1) * shard_rows)
@@ -155,11 +236,11 @@ def _write_shards(teacher, examples, out_dir, manifest, progress, batch_size, sa
         )
         manifest["shards"].sort(key=lambda s: s["index"])
         _summarize(manifest)
-        fmt.write_manifest(out_dir, manifest)
+        save(out_dir, manifest)
     if bar is not None:
         bar.close()
     _summarize(manifest)
-    fmt.write_manifest(out_dir, manifest)
+    save(out_dir, manifest)
 
 
 def encode_shard(

@@ -5,7 +5,9 @@ gradient clipping and AdamW, on the model's weights or on fp32 master weights.
 `(tokens, labels, mask, ids, logprobs)` of one batch (ids/logprobs None without teacher targets).
 Every loss here is a mean over unmasked tokens, so a batch split into micro-batches gives exactly
 the whole batch's gradient when each micro-batch's gradient is weighted by its share of the
-batch's tokens (`n_i / N`), which is what the accumulation does.
+batch's tokens (`n_i / N`), which is what the accumulation does. Inside an `mx.distributed`
+group the same rule joins the ranks: `distributed.token_mean` turns each rank's token mean into
+the global batch's, before clipping and the update.
 
 Mixed precision (`train.dtype: bfloat16`): the model computes in bf16; `master` holds the
 trainable weights in fp32, the optimizer state is fp32 (initialized from them), and each update is
@@ -24,6 +26,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_distill.recipe import TrainConfig
+from mlx_distill.train import distributed
 
 Arrays = tuple  # (tokens, labels, mask, ids | None, logprobs | None)
 
@@ -89,6 +92,8 @@ def make_step(
         @partial(mx.compile, inputs=state, outputs=state)
         def whole(tokens, labels, mask, ids, logprobs):
             (loss, metrics), grads = grad_fn(model, tokens, labels, mask, ids, logprobs)
+            # In a distributed group: the global batch's token means (identity otherwise).
+            grads, loss, metrics = distributed.token_mean(grads, loss, metrics, mx.sum(mask))
             update(grads)
             return loss, metrics
 
@@ -121,6 +126,7 @@ def make_step(
                 loss = loss + p_loss * w
                 metrics = {k: metrics[k] + v * w for k, v in p_metrics.items()}
             mx.eval(acc, loss, metrics)
+        acc, loss, metrics = distributed.token_mean(acc, loss, metrics, sum(counts))
         mx.eval(apply(acc))
         return loss, metrics
 

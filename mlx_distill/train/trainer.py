@@ -6,12 +6,16 @@ micro-batches, with fp32 master weights when `train.dtype` is not float32, and w
 checkpointed when `train.grad_checkpoint`. `mx.eval` runs once per step, outside the compiled
 function. Checkpoints hold the trainable weights (the fp32 masters when there are any), the
 optimizer state and the loader position, so a killed run resumes at the exact batch it stopped at.
+In an `mx.distributed` group (see `distributed`) every rank runs this loop on its rows of each
+global batch; rank 0 alone writes metrics and checkpoints, and every rank resumes from the
+checkpoint rank 0 picks.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from mlx_distill.kernels import SparseTargets, distill_loss
 from mlx_distill.models import head_inputs
 from mlx_distill.models.adapters import head_trains
 from mlx_distill.recipe import LossConfig, TrainConfig
+from mlx_distill.train import distributed
 from mlx_distill.train.recompute import checkpoint_blocks
 from mlx_distill.train.step import batch_arrays, make_master, make_step, master_to_model
 
@@ -182,14 +187,21 @@ def train(
     loss_fn = make_loss(loss_cfg)
 
     start = 0
-    ckpt = _latest_checkpoint(ckpt_dir)
+    main = distributed.is_main()  # in a distributed group only rank 0 writes files
+    ckpt = _latest_checkpoint(ckpt_dir) if main else None
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
-        if state.get("fingerprint") == fingerprint:
-            start = _restore(ckpt, model, optimizer, loader, master)
-        else:
+        if state.get("fingerprint") != fingerprint:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if metrics_path.exists():
+            ckpt = None
+    # Every rank resumes from the checkpoint rank 0 picked.
+    ckpt = distributed.broadcast(str(ckpt) if ckpt else None)
+    if ckpt is not None:
+        start = _restore(Path(ckpt), model, optimizer, loader, master)
+    distributed.check_same(
+        f"{run}: starting weights", distributed.weights_digest(model.trainable_parameters())
+    )
+    if main and metrics_path.exists():
         # Keep other runs' lines and this run's lines up to the step it resumes from.
         # Rewritten only when there is something to drop: another run may be appending to the
         # same file from a side process (see stages._spawn_side).
@@ -217,19 +229,20 @@ def train(
         initial=start,
         desc=run,
         unit="step",
-        disable=not progress,
+        disable=not progress or not main,
         leave=True,
         position=bar_position,
     )
     batches = iter(loader)
     try:
-        with metrics_path.open("a") as log:
+        with metrics_path.open("a") if main else open(os.devnull, "w") as log:
             for it in range(start + 1, cfg.steps + 1):
                 batch = next(batches)
                 step = steps[getattr(batch, "loss", None)]
                 t_step = time.perf_counter()
-                loss, metrics = step(batch_arrays(batch))
-                mx.eval(loss, metrics, state)
+                with distributed.watch(f"{run} step {it}"):
+                    loss, metrics = step(batch_arrays(batch))
+                    mx.eval(loss, metrics, state)
                 window_step_s += time.perf_counter() - t_step
                 window_rows += batch.tokens.shape[0]
                 n = int(batch.mask.sum().item())
@@ -239,13 +252,14 @@ def train(
                 if it % cfg.log_every == 0 or it == cfg.steps:
                     now = time.perf_counter()
                     loss_value = loss.item()
+                    window_all = distributed.sum_floats([window_tokens])[0]  # every rank's
                     record = {
                         "run": run,
                         "step": it,
                         "loss": loss_value,
                         **{k: float(v.item()) for k, v in metrics.items()},
                         "lr": float(optimizer.learning_rate.item()),
-                        "tokens_per_s": window_tokens / max(now - window_t0, 1e-9),
+                        "tokens_per_s": window_all / max(now - window_t0, 1e-9),
                         "train_tokens_per_s": window_tokens / max(window_step_s, 1e-9),
                         "train_samples_per_s": window_rows / max(window_step_s, 1e-9),
                     }
@@ -255,13 +269,14 @@ def train(
                     log.flush()
                     window_tokens, window_t0, window_step_s, window_rows = 0, now, 0.0, 0
                     bar.set_postfix(_postfix(record, bool(source_stats)))
-                if validate is not None and (
+                if main and validate is not None and (
                     (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
                 ):
                     valid = {"run": run, "step": it, "valid_loss": validate(model)}
                     log.write(json.dumps(valid) + "\n")
                     log.flush()
-                if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == cfg.steps:
+                at_checkpoint = cfg.checkpoint_every and it % cfg.checkpoint_every == 0
+                if main and (at_checkpoint or it == cfg.steps):
                     _save_checkpoint(ckpt_dir, it, model, optimizer, loader, fingerprint, master)
     finally:
         if restore is not None:

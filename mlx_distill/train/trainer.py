@@ -269,8 +269,10 @@ def train(
                     log.flush()
                     window_tokens, window_t0, window_step_s, window_rows = 0, now, 0.0, 0
                     bar.set_postfix(_postfix(record, bool(source_stats)))
-                if main and validate is not None and (
-                    (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps
+                if (
+                    main
+                    and validate is not None
+                    and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.steps)
                 ):
                     valid = {"run": run, "step": it, "valid_loss": validate(model)}
                     log.write(json.dumps(valid) + "\n")

@@ -205,8 +205,10 @@ def why_stale(ctx: Context, name: str, prints: dict, inputs: dict) -> str:
     changes = []
     before, after = _flat(old.get("sections", {})), _flat(new["sections"])
     for key in [k for k in after if k in before] + [k for k in after if k not in before]:
-        if before.get(key) != after[key]:
-            changes.append(f"{key} changed {_shown(before.get(key))} -> {_shown(after[key])}")
+        if key not in before:  # a key this version of the schema added
+            changes.append(f"new recipe key {key} = {_shown(after[key])}")
+        elif before[key] != after[key]:
+            changes.append(f"{key} changed {_shown(before[key])} -> {_shown(after[key])}")
     if old.get("seed") != new["seed"]:
         changes.append(f"seed changed {old.get('seed')} -> {new['seed']}")
     for split, digest in new.get("data_files", {}).items():

@@ -25,6 +25,7 @@ TINY = [
     "train.steps=2",
     "train.batch_size=4",
     "train.log_every=1",
+    "data.valid=null",  # no validation pass over 500 rows
 ]
 
 
@@ -380,3 +381,23 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
     assert f"[run] took over the lock of pid {parent.pid} (gone)" in proc.stderr
     assert json.loads(proc.stdout)["stages"] == {"distill": "ran", "baseline": "ran"}
     assert (run_dir / "run.lock").read_text() == ""  # released
+
+    # The exported student carries the tokenizer its weights came with (teacher_layers: the
+    # teacher's).
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        teacher_file = ROOT / "data/quickstart/teacher" / name
+        assert (run_dir / "student" / name).read_bytes() == teacher_file.read_bytes()
+
+    # Rebuilding the cache with another k leaves the trained student out of date: `eval` on the
+    # run refuses (its recipe.yaml no longer describes that student) and writes nothing.
+    code, _, err = main(
+        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *sets(runs, "cache.k=8")
+    )
+    assert code == 0, err
+    before = tree(run_dir)
+    code, _, err = main(monkeypatch, capsys, "eval", str(run_dir))
+    assert one_line(code, err) == (
+        "error: the cache stage was rerun since the KD student was trained; the eval stage reads "
+        f"it, so rebuild it first: mlx-distill run {run_dir / 'recipe.yaml'} --stage distill"
+    )
+    assert tree(run_dir) == before

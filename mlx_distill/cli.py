@@ -272,6 +272,9 @@ def doctor(as_json):
 
 
 def main() -> None:
+    from mlx_distill.runlock import watch_parent
+
+    watch_parent()  # a side process: exit with the parent, even while still starting up
     debug = "--debug" in sys.argv
     try:
         cli.main(standalone_mode=False, prog_name="mlx-distill")

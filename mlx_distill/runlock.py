@@ -124,15 +124,26 @@ class RunLock:
         self.claimed = False
 
 
-def _inherit_parent(lock_path: Path) -> bool:
-    """In a side process: work under the parent's lock, and die with the parent."""
-    value = os.environ.get(PARENT_ENV)
-    if not value:
-        return False
+_parent: dict = {}  # {"pid": int} once this process watches its parent
+
+
+def watch_parent() -> None:
+    """In a side process: die with the parent. Called first thing in the CLI (before the heavy
+    imports), so a parent killed while this process starts up takes it down too."""
+    value = os.environ.pop(PARENT_ENV, None)  # not for this process's own children
+    if not value or _parent:
+        return
     pid_text, _, fd_text = value.partition(":")
-    pid, fd = int(pid_text), int(fd_text)
-    os.environ.pop(PARENT_ENV)  # not for this process's own children
-    _die_with_parent(pid, fd)
+    _parent["pid"] = int(pid_text)
+    _die_with_parent(int(pid_text), int(fd_text))
+
+
+def _inherit_parent(lock_path: Path) -> bool:
+    """In a side process: work under the parent's lock (which must record the parent's pid)."""
+    watch_parent()
+    pid = _parent.get("pid")
+    if pid is None:
+        return False
     try:
         holder = lock_path.read_text().strip()
     except OSError:

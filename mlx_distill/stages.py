@@ -212,7 +212,8 @@ def why_stale(ctx: Context, name: str, prints: dict, inputs: dict) -> str:
     if old.get("seed") != new["seed"]:
         changes.append(f"seed changed {old.get('seed')} -> {new['seed']}")
     for split, digest in new.get("data_files", {}).items():
-        if old.get("data_files", {}).get(split) != digest:
+        path_changed = before.get(f"data.{split}") != after.get(f"data.{split}")
+        if old.get("data_files", {}).get(split) != digest and not path_changed:
             path = getattr(ctx.recipe.data, split)
             changes.append(f"the content of data.{split} ({path}) changed")
     if old.get("teacher_files") != new.get("teacher_files", old.get("teacher_files")):

@@ -362,7 +362,8 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
     for line in parent.stderr:
         if "running beside distill (second process, pid " in line:
             side = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
-            break
+        if side is not None and line.startswith("[baseline] running"):
+            break  # the side process is training (its own log line)
     assert side is not None, "no side process started"
     # While it runs, a second command on the same run is refused with the holder's pid.
     code, _, err = main(monkeypatch, capsys, "train", "recipes/quickstart.yaml", *sets(runs))

@@ -252,13 +252,28 @@ def cache_repair(path, as_json, no_progress):
     show_default=True,
     help="bench step: timed steps per variant (after one warm-up step).",
 )
+@click.option(
+    "--vocab",
+    type=click.IntRange(min=2),
+    default=151_936,
+    show_default=True,
+    help="bench step: vocabulary size (Qwen2.5's by default).",
+)
+@click.option(
+    "--train",
+    "trains",
+    type=click.Choice(["full", "lora"]),
+    multiple=True,
+    help="bench step: full and/or lora (repeatable; default both).",
+)
 @click.option("--grad-checkpoint", is_flag=True, help="bench step: checkpoint every block.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(what, size, layers, batch, seq, steps, grad_checkpoint, as_json):
+def bench(what, size, layers, batch, seq, steps, vocab, trains, grad_checkpoint, as_json):
     """Benchmarks: fused loss, training step (against mlx-lm's), cache, teacher client."""
     from mlx_distill.bench import run_bench
 
     step = dict(layers=layers, batch=batch, seq=seq, steps=steps, grad_checkpoint=grad_checkpoint)
+    step.update(vocab=vocab, trains=tuple(trains) or ("full", "lora"))
     _emit(run_bench(what, size, step), as_json)
 
 

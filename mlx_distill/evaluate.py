@@ -52,14 +52,16 @@ def perplexity(model, examples: Sequence[TokenizedExample], batch_size: int = 32
             n = int(mask.sum().item())
             if n == 0:
                 continue
+            hidden = hidden_states(model, tokens)
             loss, _ = distill_loss(
-                hidden_states(model, tokens),
+                hidden,
                 head.weight,
                 None,
                 kind="ce",
                 labels=labels,
                 mask=mask,
                 transform=head.transform,
+                low_rank=head.low_rank(hidden),
             )
             total += loss.item() * n
             count += n

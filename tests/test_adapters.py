@@ -206,3 +206,55 @@ def test_bad_adapter_recipe_exits_2_and_writes_nothing(tmp_path, override, messa
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tie, quantized", [(False, False), (True, False), (False, True)])
+def test_lora_head_low_rank_term_matches_the_adapted_matrix(tie, quantized):
+    """A LoRA head reaches the loss as its frozen base + low-rank term (never the adapted
+    matrix); loss and every adapter gradient equal those of the dense adapted head."""
+    from mlx_distill.kernels import SparseTargets
+    from mlx_distill.models import head_inputs
+
+    model = _student(tie, intermediate=64)
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+    key = "model.embed_tokens" if tie else "lm_head"
+    lora = LoraConfig(rank=3, scale=1.5, keys=[key])
+    apply_adapters(model, StudentConfig(train="lora", lora=lora))
+    rng = np.random.default_rng(11)
+    for _, m in model.named_modules():  # lora_b starts at zero: give it values
+        if "lora_b" in m:
+            m.lora_b = mx.array(rng.normal(size=m.lora_b.shape) * 0.2, dtype=mx.float32)
+    tokens = mx.array(rng.integers(0, VOCAB, (3, 7)), dtype=mx.int32)
+    labels = mx.array(rng.integers(0, VOCAB, (3, 7)), dtype=mx.int32)
+    ids = mx.array(rng.integers(0, VOCAB, (3, 7, 4)), dtype=mx.int32)
+    logprobs = mx.array(np.log(rng.dirichlet(np.ones(4), (3, 7)) * 0.9), dtype=mx.float32)
+    kw = dict(kind="forward_kl", labels=labels, kd_weight=0.5, chunk_size=5)
+
+    def fused(model):
+        hidden, head = head_inputs(model, tokens)
+        assert head.adapter is not None
+        assert isinstance(head.weight, mx.array) != quantized  # the base, still quantized
+        low_rank = head.low_rank(hidden)
+        return distill_loss(
+            hidden,
+            head.weight,
+            SparseTargets(ids, logprobs),
+            weight_grad=False,
+            low_rank=low_rank,
+            transform=head.transform,
+            **kw,
+        )[0]
+
+    def dense(model):
+        hidden = hidden_states(model, tokens)
+        return distill_loss(hidden, lm_head_weight(model), SparseTargets(ids, logprobs), **kw)[0]
+
+    got, g_got = nn.value_and_grad(model, fused)(model)
+    want, g_want = nn.value_and_grad(model, dense)(model)
+    assert abs(float(got) - float(want)) < 1e-5
+    g_got, g_want = dict(tree_flatten(g_got)), dict(tree_flatten(g_want))
+    assert sorted(g_got) == sorted(g_want) and any(k.startswith(key) for k in g_got)
+    for name, value in g_want.items():
+        assert float(mx.abs(value).max()) > 0, name
+        np.testing.assert_allclose(np.array(g_got[name]), np.array(value), rtol=1e-4, atol=1e-6)

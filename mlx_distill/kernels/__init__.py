@@ -8,6 +8,7 @@ from mlx_distill.kernels.selfcheck import kernel_status
 from mlx_distill.kernels.targets import (
     DenseTargets,
     LogitTransform,
+    LowRank,
     QuantizedWeight,
     SparseTargets,
 )
@@ -15,6 +16,7 @@ from mlx_distill.kernels.targets import (
 __all__ = [
     "DenseTargets",
     "LogitTransform",
+    "LowRank",
     "QuantizedWeight",
     "SparseTargets",
     "distill_loss",

@@ -43,6 +43,13 @@ def matmul_t(spec, x, W):
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, **_qargs(spec))
 
 
+def raw(spec, x, W, u=None, b=None):
+    """The head's raw logits (n, V): x @ W.T, plus u @ b.T for a low-rank (LoRA) term
+    (u (n, r), b (V, r))."""
+    out = matmul_t(spec, x, W)
+    return out if u is None else out + u @ b.T
+
+
 def matmul(spec, dz, W):
     """dz (n, V) -> dz @ W (n, d)."""
     w, scales, biases = W

@@ -14,6 +14,7 @@ from mlx_distill.kernels.selfcheck import rows_for
 from mlx_distill.kernels.targets import (
     DenseTargets,
     LogitTransform,
+    LowRank,
     QuantizedWeight,
     SparseTargets,
 )
@@ -157,6 +158,7 @@ def distill_loss(
     rows=None,
     transform: LogitTransform | None = None,
     weight_grad: bool = True,
+    low_rank: LowRank | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """Fused LM head + distillation loss; never materializes the (N, V) logits.
 
@@ -185,6 +187,10 @@ def distill_loss(
         weight_grad: False when the head is frozen (a LoRA student whose head is not adapted):
             the (V, d) head gradient is then never formed (one matmul per chunk and a (V, d)
             fp32 buffer saved) and the weight's cotangent is zero.
+        low_rank: a LoRA-adapted head's low-rank term, `LowRank(u (..., r), b (V, r))`:
+            logits = hidden @ weight.T + u @ b.T, added chunk by chunk (the adapted matrix is
+            never formed; `weight` is the frozen base, dense or quantized, with
+            weight_grad=False). Gradients flow to u and b. `models.lm_head(model).low_rank`.
 
     Returns:
         (loss, metrics): scalar loss, and {"ce", "kd", "covered_mass"}: means over unmasked
@@ -192,15 +198,16 @@ def distill_loss(
         and the teacher mass on the sparse ids (1 for dense targets, 0 without targets).
         Metrics carry no gradient.
 
-    Gradients flow to `hidden`, `weight` and the transform's bias only, through a hand-written
-    VJP (first order; no jvp/vmap). Works under `mx.value_and_grad` and inside `mx.compile`
-    (tested). By default gradients are formed during the forward pass (fastest for training);
-    wrap evaluation-only calls in `forward_only()` to skip that work. Peak extra memory is
-    O(chunk x V).
+    Gradients flow to `hidden`, `weight`, the transform's bias and `low_rank` only, through a
+    hand-written VJP (first order; no jvp/vmap). Works under `mx.value_and_grad` and inside
+    `mx.compile` (tested). By default gradients are formed during the forward pass (fastest
+    for training); wrap evaluation-only calls in `forward_only()` to skip that work. Peak extra
+    memory is O(chunk x V).
     """
     if isinstance(hidden, mx.array) and hidden.ndim in (2, 3):
         _check_head(weight, transform, hidden.shape[-1])
     _check_args(hidden, weight, targets, kind, beta, temperature, tail, labels, kd_weight, mask)
+    _check_low_rank(low_rank, hidden, weight)
     if transform is not None and transform.is_identity:
         transform = None
     quantized = isinstance(weight, QuantizedWeight)
@@ -246,7 +253,7 @@ def distill_loss(
             itemsize,
             ttype == "dense",
             has_labels and T != 1.0,
-            transformed=transform is not None or quantized,
+            transformed=transform is not None or quantized or low_rank is not None,
         )
     else:
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -264,6 +271,7 @@ def distill_loss(
         chunk=max(chunk, 1),
         grad_in_forward=_grad_in_forward.get(),
         weight_grad=bool(weight_grad),
+        low_rank=low_rank is not None,
         **_head_spec(weight, transform),
     )
     if rows is None:
@@ -277,9 +285,27 @@ def distill_loss(
         W = [weight.weight, weight.scales] + ([] if weight.biases is None else [weight.biases])
     else:
         W = weight
-    loss, ce, kd, cov = fused_loss(spec, rows, h2, W, extras, bias, maskvec)
+    lr = None
+    if low_rank is not None:
+        lr = [low_rank.u.reshape(N, low_rank.u.shape[-1]), low_rank.b]
+    loss, ce, kd, cov = fused_loss(spec, rows, h2, W, extras, bias, maskvec, lr)
     metrics = {"ce": ce, "kd": kd, "covered_mass": cov}
     return loss, {k: mx.stop_gradient(v) for k, v in metrics.items()}
+
+
+def _check_low_rank(low_rank, hidden, weight) -> None:
+    if low_rank is None:
+        return
+    if not isinstance(low_rank, LowRank):
+        _fail(f"low_rank must be a LowRank or None, got {type(low_rank).__name__}")
+    u, b = low_rank
+    lead = tuple(hidden.shape[:-1])
+    if u.ndim != len(lead) + 1 or tuple(u.shape[:-1]) != lead:
+        _fail(f"low_rank u must be {lead + ('r',)}, got {u.shape}")
+    if b.ndim != 2 or tuple(b.shape) != (weight.shape[0], u.shape[-1]):
+        _fail(f"low_rank b must be ({weight.shape[0]}, {u.shape[-1]}), got {b.shape}")
+    if not (mx.issubdtype(u.dtype, mx.floating) and mx.issubdtype(b.dtype, mx.floating)):
+        _fail("low_rank u and b must be floating point")
 
 
 def _head_spec(weight, transform: LogitTransform | None) -> dict:

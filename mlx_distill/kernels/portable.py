@@ -54,6 +54,8 @@ class Spec:
     quant: tuple | None = None  # (group_size, bits, mode) for a QuantizedWeight
     # False for a frozen head (LoRA elsewhere): no (V, d) dW is formed, its cotangent is zero.
     weight_grad: bool = True
+    # A LoRA-adapted head: logits += u @ b.T per chunk (`LowRank`), gradients to u and b.
+    low_rank: bool = False
 
     @property
     def forms_dW(self) -> bool:
@@ -68,6 +70,7 @@ class Spec:
             and not self.has_bias
             and not self.masked
             and self.quant is None
+            and not self.low_rank
         )
 
 
@@ -321,22 +324,26 @@ def _dz_times_w(dz: mx.array, Wc: mx.array) -> mx.array:
     return dz @ Wc
 
 
-def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None, maskvec=None):
+def run_chunks(
+    spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None, maskvec=None, low_rank=None
+):
     """Loop over token chunks. h (N, d); W (V, d), or the quantized [weight, scales(, biases)]
     list when `spec.quant`; extras as packed by `loss.distill_loss`; bias, maskvec: (V,) or
-    None (the head's transform, see `head.py`).
+    None (the head's transform, see `head.py`); low_rank: (u (N, r), b (V, r)) or None.
 
-    Returns sums (4,) and, when `want_grad`, dh (N, d), dW (V, d) (None for a quantized W) and
-    dbias (V,) (None without bias), in the compute dtype.
+    Returns sums (4,) and, when `want_grad`, dh (N, d), dW (V, d) (None for a quantized W),
+    dbias (V,) (None without bias) and (du (N, r), db (V, r)) (None without low_rank), in the
+    compute dtype.
     """
     plain = spec.plain_head
     cd = compute_dtype(h, W) if spec.quant is None else mx.float32
     Wc = W.astype(cd) if plain else head.prepare_weight(spec, W, cd)
     bias_c = bias.astype(cd) if bias is not None else None
     mask_c = maskvec.astype(cd) if maskvec is not None else None
+    u, b_lr = (None, None) if low_rank is None else (low_rank[0], low_rank[1].astype(cd))
     N = h.shape[0]
     T = spec.temperature
-    sums, dW, dbias, dhs = None, None, None, []
+    sums, dW, dbias, dhs, dus, db_lr = None, None, None, [], [], None
     for a in range(0, N, spec.chunk):
         b = min(a + spec.chunk, N)
         hc = h[a:b].astype(cd)
@@ -353,7 +360,8 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None,
             hs = hc * (1.0 / T) if T != 1.0 else hc
             s = hs @ Wc.T
         else:
-            z, cache = head.forward(spec, head.matmul_t(spec, hc, Wc), bias_c, mask_c)
+            uc = None if u is None else u[a:b].astype(cd)
+            z, cache = head.forward(spec, head.raw(spec, hc, Wc, uc, b_lr), bias_c, mask_c)
             s = z * (1.0 / T) if T != 1.0 else z
         part = [x[a:b] for x in extras]
         if spec.targets == "dense":
@@ -371,7 +379,7 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None,
             if plain:
                 g = gathered_logits(hs, Wc, ids, y)
             else:
-                g = _gathered_transformed(spec, hc, Wc, ids, y, bias_c, mask_c)
+                g = _gathered_transformed(spec, hc, Wc, ids, y, bias_c, mask_c, uc, b_lr)
             c_sums, dz = sparse_chunk(spec, rows, s, g, ids, lp, y, w, want_grad)
         sums = c_sums if sums is None else sums + c_sums
         if not want_grad:
@@ -381,6 +389,10 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None,
             if d_pre is not None:
                 db = mx.sum(d_pre, axis=0)
                 dbias = db if dbias is None else dbias + db
+            if uc is not None:
+                # the adapter's share: du = dz @ b (n, r), db += dz.T @ u (V, r); never (V, d)
+                dus.append(dz @ b_lr)
+                db_lr = dz.T @ uc if db_lr is None else mx.addmm(db_lr, dz.T, uc)
         if spec.quant is not None:
             dhs.append(head.matmul(spec, dz, Wc))
             continue
@@ -389,18 +401,24 @@ def run_chunks(spec: Spec, rows, h, W, extras: list, want_grad: bool, bias=None,
             continue
         dW = dz.T @ hc if dW is None else mx.addmm(dW, dz.T, hc)
     if not want_grad:
-        return sums, None, None, None
+        return sums, None, None, None, None
     dh = mx.concatenate(dhs, axis=0) if len(dhs) > 1 else dhs[0]
-    return sums, dh, dW, dbias
+    lr_grads = None
+    if u is not None:
+        lr_grads = (mx.concatenate(dus, axis=0) if len(dus) > 1 else dus[0], db_lr)
+    return sums, dh, dW, dbias, lr_grads
 
 
-def _gathered_transformed(spec: Spec, hc, Wc, ids, y, bias, maskvec):
-    """`gathered_logits` for a transformed or quantized head: s at the ids and the label."""
+def _gathered_transformed(spec: Spec, hc, Wc, ids, y, bias, maskvec, uc=None, b_lr=None):
+    """`gathered_logits` for a transformed, quantized or low-rank head: s at the ids and the
+    label."""
     idx = [x for x in (ids, None if y is None else y[:, None]) if x is not None]
     if not idx:
         return None
     idx = mx.concatenate(idx, axis=1) if len(idx) > 1 else idx[0]
     raw = (head.rows(spec, Wc, idx, hc.dtype) @ hc[:, :, None])[..., 0]
+    if uc is not None:
+        raw = raw + (b_lr[idx] @ uc[:, :, None])[..., 0]
     z, _ = head.forward(
         spec,
         raw,
@@ -411,29 +429,36 @@ def _gathered_transformed(spec: Spec, hc, Wc, ids, y, bias, maskvec):
     return z * (1.0 / T) if T != 1.0 else z
 
 
-def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskvec=None):
-    """(loss, ce, kd, covered) scalars with a hand-written VJP to h, W and bias only.
+def fused_loss(
+    spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskvec=None, low_rank=None
+):
+    """(loss, ce, kd, covered) scalars with a hand-written VJP to h, W, bias and the low-rank
+    term only.
 
     W: (V, d), or the quantized [weight, scales(, biases)] list (it gets zero cotangents: a
-    quantized head is frozen). bias, maskvec: (V,) or None.
+    quantized head is frozen). bias, maskvec: (V,) or None. low_rank: [u (N, r), b (V, r)] or
+    None.
     """
-    head_in = [x for x in (bias, maskvec) if x is not None]
+    head_in = [x for x in (bias, maskvec) if x is not None] + list(low_rank or [])
 
     def unpack(head_in):
         it = iter(head_in)
-        return (next(it) if bias is not None else None, next(it) if maskvec is not None else None)
+        b = next(it) if bias is not None else None
+        m = next(it) if maskvec is not None else None
+        lr = (next(it), next(it)) if low_rank is not None else None
+        return b, m, lr
 
-    # Outputs: [dh, dW, dbias,] loss, ce, kd, covered (gradient entries that exist). Evaluating
-    # the loss evaluates them all: they are all inputs of MLX's custom-function node.
+    # Outputs: [dW, dh, dbias, du, db,] loss, ce, kd, covered (gradient entries that exist).
+    # Evaluating the loss evaluates them all: they are all inputs of MLX's custom-function node.
     @mx.custom_function
     def f(h, W, head_in, extras):
-        sums, dh, dW, db = run_chunks(
+        sums, dh, dW, db, lr = run_chunks(
             spec, rows, h, W, extras, spec.grad_in_forward, *unpack(head_in)
         )
         outs = (sums[0], sums[1], sums[2], sums[3])
         if spec.grad_in_forward:
-            grads = tuple(mx.stop_gradient(g) for g in (dW, dh, db) if g is not None)
-            outs = grads + outs
+            grads = (dW, dh, db) + (lr if lr is not None else ())
+            outs = tuple(mx.stop_gradient(g) for g in grads if g is not None) + outs
         return outs
 
     @f.vjp
@@ -444,10 +469,11 @@ def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskve
             dW = grads.pop(0) if spec.forms_dW else None
             dh = grads.pop(0)
             db = grads.pop(0) if bias is not None else None
+            lr = (grads.pop(0), grads.pop(0)) if low_rank is not None else None
             g = cotangents[-4]
         else:
             g = cotangents[0]
-            _, dh, dW, db = run_chunks(spec, rows, h, W, extras, True, *unpack(head_in))
+            _, dh, dW, db, lr = run_chunks(spec, rows, h, W, extras, True, *unpack(head_in))
         g = g.astype(dh.dtype)
         if spec.forms_dW:
             dW_out = (g * dW).astype(W.dtype)
@@ -455,11 +481,14 @@ def fused_loss(spec: Spec, rows, h: mx.array, W, extras: list, bias=None, maskve
             dW_out = mx.zeros_like(W)
         else:
             dW_out = [mx.zeros_like(x) for x in W]
+        b_in, m_in, lr_in = unpack(head_in)
         head_out = []
         if bias is not None:
-            head_out.append((g * db).astype(bias.dtype))
+            head_out.append((g * db).astype(b_in.dtype))
         if maskvec is not None:
-            head_out.append(mx.zeros_like(maskvec))
+            head_out.append(mx.zeros_like(m_in))
+        if low_rank is not None:
+            head_out += [(g * d).astype(x.dtype) for d, x in zip(lr, lr_in)]
         return ((g * dh).astype(h.dtype), dW_out, head_out, [mx.zeros_like(e) for e in extras])
 
     return f(h, W, head_in, extras)[-4:]

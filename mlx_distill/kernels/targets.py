@@ -20,6 +20,18 @@ class SparseTargets(NamedTuple):
     logprobs: mx.array
 
 
+class LowRank(NamedTuple):
+    """A low-rank term of the LM head (a LoRA-adapted head): logits = h @ W.T + u @ b.T.
+
+    u: (N, r) or (B, L, r), the hidden states through the adapter's down projection (times its
+    scale); b: (V, r), the adapter's up projection as rows of the vocabulary. The loss adds the
+    term chunk by chunk, so the adapted (V, d) matrix never exists; gradients flow to u and b.
+    """
+
+    u: mx.array
+    b: mx.array
+
+
 class DenseTargets(NamedTuple):
     """Full teacher logits: (N, V) or (B, L, V)."""
 

@@ -8,8 +8,8 @@ reads; `fuse_adapters` folds them into the weights as `mlx_lm.fuse` does (a quan
 re-quantized), so the exported student loads alone.
 
 The LM head may be an adapter target (`lm_head`, or `model.embed_tokens` for a tied head):
-`head_weight` gives the head contract (`heads.lm_head`) the adapted (V, d) matrix, through which
-the adapter's gradients flow.
+`head_low_rank` gives the head contract (`heads.lm_head`) a LoRA head's low-rank term, which the
+fused loss adds chunk by chunk; `head_weight` gives a DoRA head's adapted (V, d) matrix.
 """
 
 from __future__ import annotations
@@ -185,6 +185,18 @@ def base_layer(layer: nn.Module) -> nn.Module:
         if name in layer and isinstance(layer[name], nn.Module) and "lora_a" in layer:
             return layer[name]
     return layer
+
+
+def head_low_rank(layer: nn.Module) -> tuple[mx.array, mx.array, float] | None:
+    """(down (d, r), up (V, r), scale) of a LoRA-wrapped head layer: its logits are
+    `base(h) + scale * (h @ down) @ up.T`. None for any other layer (DoRA included)."""
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+
+    if isinstance(layer, LoRALinear):  # y = x W.T + scale (x @ lora_a) @ lora_b
+        return layer.lora_a, layer.lora_b.T, float(layer.scale)
+    if isinstance(layer, LoRAEmbedding):  # as_linear: + scale (x @ lora_b.T) @ lora_a.T
+        return layer.lora_b.T, layer.lora_a, float(layer.scale)
+    return None
 
 
 def head_weight(layer: nn.Module) -> mx.array | None:

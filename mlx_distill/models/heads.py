@@ -7,7 +7,12 @@ wherever the architecture keeps it (tied embedding or separate head, under a mul
 forced to -inf). The trainer's whole use of it:
 
     hidden, head = head_inputs(model, tokens)
-    distill_loss(hidden, head.weight, targets, ..., transform=head.transform)
+    distill_loss(hidden, head.weight, targets, ..., transform=head.transform,
+                 low_rank=head.low_rank(hidden))
+
+A LoRA-adapted head (student.train: lora with the head among the adapter keys) stays its frozen
+base weight (dense or quantized) plus the adapter's low-rank term, which the loss adds chunk by
+chunk: the adapted (V, d) matrix is never formed, nor a quantized base dequantized.
 
 Only architectures in `ARCHS` are accepted; each was read in mlx-lm's source (what `__call__`
 does after the final norm) and is tested against the model's own `model(tokens)` logits
@@ -23,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_distill.errors import BadInput
-from mlx_distill.kernels.targets import LogitTransform, QuantizedWeight
+from mlx_distill.kernels.targets import LogitTransform, LowRank, QuantizedWeight
 from mlx_distill.models import adapters
 
 EMBED_NAMES = ("embed_tokens", "wte", "tok_embeddings")
@@ -80,15 +85,38 @@ ARCHS: dict[str, Callable[[nn.Module, bool], dict]] = {
 
 
 @dataclass
+class HeadAdapter:
+    """A LoRA head's adapter: logits += scale * (hidden @ down) @ up.T.
+
+    down: (d, r); up: (V, r). For mlx-lm's LoRALinear down = lora_a, up = lora_b.T; for its
+    LoRAEmbedding (a tied head) down = lora_b.T, up = lora_a.
+    """
+
+    down: mx.array
+    up: mx.array
+    scale: float
+
+
+@dataclass
 class Head:
     """What `distill_loss` needs besides the hidden states.
 
-    weight: (V, d) array (a trainable parameter when the model's is), or a QuantizedWeight.
+    weight: (V, d) array (a trainable parameter when the model's is), or a QuantizedWeight;
+        with an adapter, the frozen base.
     transform: the architecture's LogitTransform, or None when logits are `hidden @ W.T`.
+    adapter: a LoRA head's low-rank term (`HeadAdapter`), or None.
     """
 
     weight: mx.array | QuantizedWeight
     transform: LogitTransform | None
+    adapter: HeadAdapter | None = None
+
+    def low_rank(self, hidden: mx.array) -> LowRank | None:
+        """The adapter's term for `distill_loss(..., low_rank=)`: u (..., r), b (V, r)."""
+        if self.adapter is None:
+            return None
+        a = self.adapter
+        return LowRank(a.scale * (hidden @ a.down), a.up)
 
     @property
     def vocab(self) -> int:
@@ -114,6 +142,9 @@ class Head:
             )
         else:
             raw = x @ self.weight.astype(mx.float32).T
+        lr = self.low_rank(x)
+        if lr is not None:
+            raw = raw + lr.u.astype(mx.float32) @ lr.b.astype(mx.float32).T
         return raw if self.transform is None else self.transform.apply(raw)
 
 
@@ -176,15 +207,20 @@ def lm_head(model: nn.Module) -> Head:
     inner = architecture(lm)
     transform_of = ARCHS.get(inner, ARCHS[model_type])
     fields = transform_of(lm, tied)
-    # A LoRA/DoRA-wrapped head (student.train lora | dora): its adapted (V, d) matrix, through
-    # which the adapter's gradients flow; a quantized base is dequantized whole for it.
-    adapted = adapters.head_weight(head_module)
     base = adapters.base_layer(head_module)
     if "bias" in base:
         fields["bias"] = base["bias"]
     transform = LogitTransform(**fields)
+    transform = None if transform.is_identity else transform
+    # A LoRA head: its frozen base and the low-rank term, applied chunk by chunk in the loss.
+    adapter = adapters.head_low_rank(head_module)
+    if adapter is not None:
+        return Head(_weight_of(base, model_type), transform, HeadAdapter(*adapter))
+    # A DoRA head: its adapted (V, d) matrix, through which the adapter's gradients flow (its
+    # row norms need the whole matrix; a quantized base is dequantized for it).
+    adapted = adapters.head_weight(head_module)
     weight = adapted if adapted is not None else _weight_of(head_module, model_type)
-    return Head(weight, None if transform.is_identity else transform)
+    return Head(weight, transform)
 
 
 def head_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, Head]:
@@ -194,6 +230,12 @@ def head_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, Head]:
 
 
 def lm_head_weight(model: nn.Module) -> mx.array:
-    """The head as a dense (V, d) matrix (dequantized whole). Prefer `lm_head(model)`."""
-    weight = lm_head(model).weight
-    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+    """The head as a dense (V, d) matrix (dequantized whole, adapter folded in). Prefer
+    `lm_head(model)`."""
+    head = lm_head(model)
+    weight = head.weight
+    weight = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+    if head.adapter is not None:
+        a = head.adapter
+        weight = weight + (a.scale * a.up @ a.down.T).astype(weight.dtype)
+    return weight

@@ -8,7 +8,8 @@ length, each variant in its own process so that peaks do not mix:
   kd:     its KD step on cached top-k targets (forward KL with CE, kd_weight 0.5);
 each with full fine-tuning and with LoRA (mlx-lm's own adapter layers in every variant).
 Reported per variant: tokens/s (median step after a warm-up step) and peak memory; ratios
-against mlx-lm's; and the KD step's memory floor (weights, trainable weights' gradients and
+against mlx-lm's; `mlx-distill plan`'s predicted peak for the ce and kd steps; and the KD step's
+memory floor (weights, trainable weights' gradients and
 optimizer state, one loss chunk's buffers, the activations the backward pass keeps).
 """
 
@@ -136,8 +137,8 @@ def run_variant(cfg: dict) -> dict:
     }
 
 
-def kd_floor(cfg: dict, train: str) -> dict:
-    """The KD step's memory floor by term (plan.train_terms' pieces that cannot go away)."""
+def _shape(cfg: dict, train: str):
+    """plan.Shape of the bench model (a lazy skeleton: only shapes are read)."""
     import mlx.core as mx
 
     from mlx_distill import plan
@@ -146,9 +147,31 @@ def kd_floor(cfg: dict, train: str) -> dict:
     from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig
 
     config = model_config_dict(ModelConfig(**QWEN25_05B, num_layers=cfg["layers"]), cfg["vocab"])
-    model = model_from_config(config)  # lazy: only shapes are read
+    model = model_from_config(config)
     apply_adapters(model, StudentConfig(train=train, lora=LoraConfig(**LORA)))
-    s = plan.shape_of(model, config, mx.float32)
+    return plan.shape_of(model, config, mx.float32)
+
+
+def plan_peak(cfg: dict, train: str, kd: bool) -> int:
+    """`mlx-distill plan`'s predicted peak for this project's step (variant ce or kd)."""
+    from mlx_distill import plan
+
+    terms = plan.train_terms(
+        _shape(cfg, train),
+        batch=cfg["batch"],
+        seq=cfg["seq"],
+        k=cfg["k"] if kd else 0,
+        kd=kd,
+        grad_checkpoint=cfg["grad_checkpoint"],
+    )
+    return sum(terms.values())
+
+
+def kd_floor(cfg: dict, train: str) -> dict:
+    """The KD step's memory floor by term (plan.train_terms' pieces that cannot go away)."""
+    from mlx_distill import plan
+
+    s = _shape(cfg, train)
     tokens = cfg["batch"] * cfg["seq"]
     if cfg["grad_checkpoint"]:
         acts = tokens * s.d * 4 * s.layers + plan._block_act(s, tokens, cfg["seq"], 4)
@@ -206,6 +229,10 @@ def bench_step(
                 r = rows[variant]
                 r["tokens_per_s_vs_mlx_lm"] = r["tokens_per_s"] / ref["tokens_per_s"]
                 r["peak_vs_mlx_lm"] = r["peak_bytes"] / ref["peak_bytes"]
+        for variant in [v for v in ("ce", "kd") if v in rows]:
+            r = rows[variant]
+            r["plan_peak_bytes"] = plan_peak(base, train, kd=variant == "kd")
+            r["plan_vs_measured"] = r["plan_peak_bytes"] / r["peak_bytes"]
         if "kd" in rows:
             floor = kd_floor(base, train)
             rows["kd_floor"] = floor

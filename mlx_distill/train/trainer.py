@@ -62,8 +62,9 @@ def make_loss(loss_cfg: LossConfig | None):
     def loss_fn(model, tokens, labels, mask, ids, logprobs):
         # the LM-head contract: weight wherever the architecture keeps it, plus its transform
         hidden, head = head_inputs(model, tokens)
-        # A frozen head (LoRA on other layers) needs no (V, d) gradient.
-        weight_grad = head_trains(model)
+        # A frozen head (LoRA on other layers, or a LoRA head's base) needs no (V, d) gradient.
+        weight_grad = head.adapter is None and head_trains(model)
+        low_rank = head.low_rank(hidden)
         if loss_cfg is None or ids is None:
             return distill_loss(
                 hidden,
@@ -74,6 +75,7 @@ def make_loss(loss_cfg: LossConfig | None):
                 mask=mask,
                 transform=head.transform,
                 weight_grad=weight_grad,
+                low_rank=low_rank,
             )
         return distill_loss(
             hidden,
@@ -89,6 +91,7 @@ def make_loss(loss_cfg: LossConfig | None):
             chunk_size=loss_cfg.chunk_size,
             transform=head.transform,
             weight_grad=weight_grad,
+            low_rank=low_rank,
         )
 
     return loss_fn
@@ -170,10 +173,11 @@ def train(
     that loss; other batches with `loss_cfg`'s.
 
     Logs {"run", "step", "loss", "ce", "kd", "covered_mass", "lr", "tokens_per_s",
-    "train_tokens_per_s", "train_samples_per_s"} (the last two timed over the training step
-    alone; plus the source's `stats()`, if it has one) to `metrics_path` every cfg.log_every
-    steps, and {"run", "step", "valid_loss"} from `validate(model)` every cfg.eval_every steps
-    and after the last step.
+    "train_tokens_per_s", "train_samples_per_s", "peak_memory_bytes"} (the two samples/tokens
+    rates timed over the training step alone; the peak is MLX's since training started, what
+    `plan` predicts; plus the source's `stats()`, if it has one) to `metrics_path` every
+    cfg.log_every steps, and {"run", "step", "valid_loss"} from `validate(model)` every
+    cfg.eval_every steps and after the last step.
     """
     from tqdm import tqdm
 
@@ -220,6 +224,7 @@ def train(
         steps[name] = make_step(model, optimizer, fn, cfg, master)
     restore = checkpoint_blocks(model) if cfg.grad_checkpoint else None
     model.train()
+    mx.reset_peak_memory()  # the metrics' peak is the training's, not an earlier stage's
     t0 = time.perf_counter()
     tokens_seen, window_tokens, window_t0 = 0, 0, t0
     window_step_s, window_rows = 0.0, 0  # time in the training step itself, sequences trained
@@ -262,6 +267,7 @@ def train(
                         "tokens_per_s": window_all / max(now - window_t0, 1e-9),
                         "train_tokens_per_s": window_tokens / max(window_step_s, 1e-9),
                         "train_samples_per_s": window_rows / max(window_step_s, 1e-9),
+                        "peak_memory_bytes": int(mx.get_peak_memory()),
                     }
                     source_stats = loader.stats() if hasattr(loader, "stats") else {}
                     record.update(source_stats)

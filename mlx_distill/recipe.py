@@ -262,13 +262,6 @@ class DistillConfig:
 
 
 @dataclass
-class BaselineConfig:
-    """The same student, same steps, hard labels only."""
-
-    enabled: bool = True
-
-
-@dataclass
 class EvalConfig:
     num_examples: int = 200
     max_new_tokens: int = 256
@@ -294,7 +287,6 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -53,7 +53,7 @@ def test_set_overrides_coerce_through_schema():
         [
             "train.lr=1e-5",  # YAML reads this as a string
             "train.steps=12",
-            "baseline.enabled=false",
+            "train.grad_checkpoint=true",
             "student.path=null",
             "loss.kind=jsd",
             "stages=tokenizer,teacher",
@@ -62,7 +62,7 @@ def test_set_overrides_coerce_through_schema():
     )
     assert recipe.train.lr == pytest.approx(1e-5) and isinstance(recipe.train.lr, float)
     assert recipe.train.steps == 12
-    assert recipe.baseline.enabled is False
+    assert recipe.train.grad_checkpoint is True
     assert recipe.loss.kind == "jsd"
     assert recipe.stages == ["tokenizer", "teacher"]
     assert recipe.cache.temperature == 2.0 and isinstance(recipe.cache.temperature, float)

@@ -36,6 +36,7 @@ def _run(
     no_progress,
     jobs,
     bar_position,
+    hosts,
 ):
     """Shared by run/teach/train; `group`: run only those of `stages` this recipe has."""
     progress = not no_progress
@@ -45,13 +46,27 @@ def _run(
     if dry_run:
         click.echo(recipe.to_yaml(), nl=False)
         return
-    from mlx_distill.context import Context
-    from mlx_distill.stages import run_stages
-
     if group:  # teach/train: the group's stages that this recipe has
         stages = [s for s in stages if s in recipe.stages]
         if not stages:
             raise BadInput(f"recipe {recipe_path} has none of the stages this command runs")
+    from mlx_distill import launch
+
+    selected = list(stages) or [s for s in recipe.stages]
+    if hosts is not None:  # start the ranks; they run this same command without --hosts
+        world = len(launch.read_hostfile(hosts)["hosts"])
+        launch.check_group(recipe, selected, world)
+        sys.exit(launch.launch(hosts, _without_hosts(sys.argv[1:])))
+    from mlx_distill.train import distributed
+
+    distributed.init()  # a launcher started this process: join its group
+    if distributed.world() > 1:  # every rank checks; rank 0 alone says what is wrong
+        distributed.agree(lambda: launch.check_group(recipe, selected, distributed.world()))
+        jobs = 1  # the baseline trains after the student on the same ranks, not beside it
+        progress = progress and distributed.is_main()
+    from mlx_distill.context import Context
+    from mlx_distill.stages import run_stages
+
     ctx = Context(
         recipe,
         recipe.run_dir,
@@ -62,7 +77,11 @@ def _run(
         recipe_path=str(recipe_path),
         overrides=tuple(overrides),
     )
+    if not distributed.is_main():
+        ctx.log = lambda msg: None  # rank 0 logs the stages
     outcome = run_stages(ctx, only=list(stages) or None, force=force)
+    if not distributed.is_main():
+        return  # rank 0 prints the summary
     summary = {"run_dir": str(recipe.run_dir), "stages": outcome}
     if (recipe.run_dir / "report.md").exists() and "report" in outcome:
         summary["report"] = str(recipe.run_dir / "report.md")
@@ -93,7 +112,27 @@ def _run_options(f):
         help="2: train the baseline in a second process beside the KD student; 1: one by one.",
     )(f)
     f = click.option("--bar-position", type=int, default=0, hidden=True)(f)
+    f = click.option(
+        "--hosts",
+        type=click.Path(dir_okay=False),
+        default=None,
+        metavar="FILE",
+        help="Run data-parallel on these hosts (an mlx.launch hostfile) via mlx.launch.",
+    )(f)
     return f
+
+
+def _without_hosts(argv: list[str]) -> list[str]:
+    """The command line minus its --hosts option (what every rank runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--hosts":
+            skip = True
+        elif not arg.startswith("--hosts="):
+            out.append(arg)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,13 +192,31 @@ def plan(recipe, overrides, as_json):
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-progress", is_flag=True)
-def eval_(path, as_json, no_progress):
+@click.option(
+    "--hosts",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Split the problems across these hosts (an mlx.launch hostfile) via mlx.launch.",
+)
+def eval_(path, as_json, no_progress, hosts):
     """Re-evaluate a run directory (runs/NAME) and rewrite its report."""
     from pathlib import Path
 
-    from mlx_distill.stages import evaluate_in_place
+    from mlx_distill.stages import _run_context, evaluate_in_place
 
-    _emit(evaluate_in_place(Path(path), progress=not no_progress), as_json)
+    if hosts is not None:
+        from mlx_distill import launch
+
+        launch.read_hostfile(hosts)
+        _run_context(Path(path))  # a run directory, checked before any rank starts
+        sys.exit(launch.launch(hosts, _without_hosts(sys.argv[1:])))
+    from mlx_distill.train import distributed
+
+    distributed.init()  # a launcher started this process: join its group
+    results = evaluate_in_place(Path(path), progress=not no_progress)
+    if distributed.is_main():
+        _emit(results, as_json)
 
 
 @cli.command()
@@ -213,6 +270,11 @@ def cache_verify(path, as_json):
 def cache_repair(path, as_json, no_progress):
     """Rescore only the damaged or missing shards of a run's cache (runs/NAME/cache)."""
     from pathlib import Path
+
+    from mlx_distill.train.distributed import launched_backend
+
+    if launched_backend() is not None:
+        raise BadInput("cache repair runs in one process; start it without mlx.launch")
 
     from mlx_distill.stages import repair_cache
 
@@ -280,44 +342,62 @@ def bench(what, size, layers, batch, seq, steps, vocab, trains, grad_checkpoint,
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json):
-    """Backend, memory, versions, matmul rate, BLAS, Gemini key presence."""
+    """Backend, memory, versions, matmul rate, BLAS, Gemini key, distributed backends."""
     from mlx_distill import backend
+    from mlx_distill.train import distributed
 
-    _emit(backend.report(), as_json)
+    _emit(dict(backend.report(), distributed=distributed.describe()), as_json)
 
 
-def main() -> None:
-    from mlx_distill.runlock import watch_parent
+def _main(debug: bool) -> int:
+    """The command's exit code (see DESIGN.md: 0, 1 failure, 2 bad input, 3 incomplete)."""
 
-    watch_parent()  # a side process: exit with the parent, even while still starting up
-    debug = "--debug" in sys.argv
+    def say(e: BaseException, line: str) -> None:
+        dist = sys.modules.get("mlx_distill.train.distributed")
+        if dist is None or not dist.quiet(e):  # another rank's error: rank 0 prints it
+            if debug:
+                traceback.print_exc()
+            click.echo(line, err=True)
+
     try:
         cli.main(standalone_mode=False, prog_name="mlx-distill")
+    except SystemExit as e:  # --hosts: the ranks' outcome
+        return e.code if isinstance(e.code, int) else 1
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.UsageError as e:  # one line, not click's usage block
         where = e.ctx.command_path if e.ctx is not None else "mlx-distill"
         click.echo(f"error: {where}: {e.format_message()} (see {where} --help)", err=True)
-        sys.exit(2)
+        return 2
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(2)
+        return 2
     except BadInput as e:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        say(e, f"error: {e}")
+        return 2
     except StageIncomplete as e:
-        click.echo(f"stopped: {e}", err=True)
-        sys.exit(3)
+        say(e, f"stopped: {e}")
+        return 3
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+        return 130
     except Exception as e:
-        if debug:
-            traceback.print_exc()
-        click.echo(
-            f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
-        )
-        sys.exit(1)
+        say(e, f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        return 1
+    return 0
+
+
+def main() -> None:
+    import os
+
+    from mlx_distill.launch import LAUNCHED_ENV, exit_line
+    from mlx_distill.runlock import watch_parent
+
+    watch_parent()  # a side process: exit with the parent, even while still starting up
+    launched = os.environ.pop(LAUNCHED_ENV, None)  # a rank of `--hosts`: not for its children
+    code = _main("--debug" in sys.argv)
+    if launched:  # the launching command reads every rank's code (mlx.launch's exit is 0)
+        sys.stderr.flush()
+        print(exit_line(int(os.environ.get("MLX_RANK", 0)), code), file=sys.stderr, flush=True)
+    sys.exit(code)

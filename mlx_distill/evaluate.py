@@ -29,6 +29,17 @@ ROW_CHUNK = 1024
 SAMPLES = 3  # test prompts whose generations every report shows, for every model
 
 
+def _each(items: Sequence, fn: Callable, shard: bool) -> list:
+    """[fn(x) for x in items]; with `shard` (the eval stage in a distributed group) each rank
+    computes every W-th item and every rank gets all results in order. The items are whole
+    batches, the same as one process would make, so the results are the same too."""
+    if not shard:
+        return [fn(x) for x in items]
+    from mlx_distill.train import distributed
+
+    return distributed.map_shards(items, fn)
+
+
 def _batches(examples: Sequence[TokenizedExample], batch_size: int):
     """Right-padded (tokens, labels, mask) batches; mask marks answer positions."""
     for i in range(0, len(examples), batch_size):
@@ -43,15 +54,19 @@ def _batches(examples: Sequence[TokenizedExample], batch_size: int):
         yield mx.array(tokens), mx.array(labels), mx.array(mask)
 
 
-def perplexity(model, examples: Sequence[TokenizedExample], batch_size: int = 32) -> float:
-    """exp(mean cross-entropy) over the answer tokens."""
-    total, count = 0.0, 0
+def perplexity(
+    model, examples: Sequence[TokenizedExample], batch_size: int = 32, shard: bool = False
+) -> float:
+    """exp(mean cross-entropy) over the answer tokens. shard: see `_each`."""
     head = lm_head(model)
-    with forward_only():
-        for tokens, labels, mask in _batches(examples, batch_size):
-            n = int(mask.sum().item())
-            if n == 0:
-                continue
+
+    def batch_sum(start: int) -> list:
+        """[sum of the batch's token CEs, its answer tokens]."""
+        tokens, labels, mask = next(_batches(examples[start : start + batch_size], batch_size))
+        n = int(mask.sum().item())
+        if n == 0:
+            return [0.0, 0]
+        with forward_only():
             hidden = hidden_states(model, tokens)
             loss, _ = distill_loss(
                 hidden,
@@ -63,8 +78,12 @@ def perplexity(model, examples: Sequence[TokenizedExample], batch_size: int = 32
                 transform=head.transform,
                 low_rank=head.low_rank(hidden),
             )
-            total += loss.item() * n
-            count += n
+        return [loss.item() * n, n]
+
+    total, count = 0.0, 0
+    for part, n in _each(range(0, len(examples), batch_size), batch_sum, shard):
+        total += part  # batch order, as one process adds them
+        count += n
     return math.exp(total / max(count, 1))
 
 
@@ -79,17 +98,23 @@ def _argmax_rows(hidden: mx.array, head: Head) -> mx.array:
 
 
 def top1_agreement(
-    student, teacher, examples: Sequence[TokenizedExample], batch_size: int = 32
+    student,
+    teacher,
+    examples: Sequence[TokenizedExample],
+    batch_size: int = 32,
+    shard: bool = False,
 ) -> float:
     """Fraction of answer positions where student and teacher predict the same next token."""
-    agree, count = 0, 0
     ws, wt = lm_head(student), lm_head(teacher)
-    for tokens, _, mask in _batches(examples, batch_size):
+
+    def batch_counts(start: int) -> list[int]:
+        tokens, _, mask = next(_batches(examples[start : start + batch_size], batch_size))
         s = _argmax_rows(hidden_states(student, tokens), ws)
         t = _argmax_rows(hidden_states(teacher, tokens), wt)
-        agree += int(((s == t) & mask).sum().item())
-        count += int(mask.sum().item())
-    return agree / max(count, 1)
+        return [int(((s == t) & mask).sum().item()), int(mask.sum().item())]
+
+    counts = _each(range(0, len(examples), batch_size), batch_counts, shard)
+    return sum(a for a, _ in counts) / max(sum(n for _, n in counts), 1)
 
 
 def _prompt_ids(tokenizer, prompt: str | dict) -> list[int]:
@@ -111,18 +136,21 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     progress=None,
+    shard: bool = False,
 ) -> list[str]:
-    """Greedy completions for chat prompts, in batches."""
+    """Greedy completions for chat prompts, in batches (shard: see `_each`)."""
     from mlx_lm import batch_generate
 
-    texts: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
+    def batch_texts(start: int) -> list[str]:
+        chunk = prompts[start : start + batch_size]
         ids = [_prompt_ids(tokenizer, p) for p in chunk]
-        texts += batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens).texts
+        texts = batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens).texts
         if progress is not None:
             progress.update(len(chunk))
-    return texts
+        return list(texts)
+
+    parts = _each(range(0, len(prompts), batch_size), batch_texts, shard)
+    return [text for part in parts for text in part]
 
 
 def exact_match(
@@ -134,6 +162,7 @@ def exact_match(
     max_new_tokens: int,
     batch_size: int,
     progress=None,
+    shard: bool = False,
 ) -> tuple[float, list[str]]:
     """Accuracy of greedy answers on records with `prompt` and `answer`; also the outputs."""
     outputs = generate_answers(
@@ -143,13 +172,14 @@ def exact_match(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,
+        shard=shard,
     )
     correct = [check(text, r["answer"]) for text, r in zip(outputs, records)]
     return float(np.mean(correct)), outputs
 
 
 def generate_samples(
-    model, tokenizer, prompts: Sequence[str | dict], *, max_new_tokens: int
+    model, tokenizer, prompts: Sequence[str | dict], *, max_new_tokens: int, shard: bool = False
 ) -> list[dict]:
     """Greedy completions as a person should see them: special tokens kept in the text.
 
@@ -159,23 +189,22 @@ def generate_samples(
     from mlx_lm.generate import generate_step
 
     stop = set(tokenizer.eos_token_ids)
-    samples = []
-    for prompt in prompts:
+
+    def sample(prompt) -> dict:
         ids = _prompt_ids(tokenizer, prompt)
         new: list[int] = []
         for token, _ in generate_step(mx.array(ids), model, max_tokens=max_new_tokens):
             new.append(int(token))
             if new[-1] in stop:
                 break
-        samples.append(
-            {
-                "prompt": prompt["prompt"] if isinstance(prompt, dict) else prompt,
-                "output": tokenizer.decode(new, skip_special_tokens=False),
-                "stopped": bool(new) and new[-1] in stop,
-                "new_tokens": len(new),
-            }
-        )
-    return samples
+        return {
+            "prompt": prompt["prompt"] if isinstance(prompt, dict) else prompt,
+            "output": tokenizer.decode(new, skip_special_tokens=False),
+            "stopped": bool(new) and new[-1] in stop,
+            "new_tokens": len(new),
+        }
+
+    return _each(prompts, sample, shard)
 
 
 def run_models(ctx: Context) -> dict[str, Path]:
@@ -204,10 +233,15 @@ def evaluate_run(ctx: Context) -> dict:
     from mlx_distill.tasks import get_checker
     from mlx_distill.text.chat import encode_records
     from mlx_distill.text.data import read_jsonl
+    from mlx_distill.train import distributed
 
     recipe = ctx.recipe
     records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
     check = get_checker(recipe.data.task)
+    # In a distributed group each rank evaluates every W-th batch; rank 0 writes the results.
+    shard = distributed.world() > 1
+    bs = recipe.eval.batch_size
+    mine = sum(len(records[i : i + bs]) for i in distributed.shard(range(0, len(records), bs)))
     loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
     results: dict[str, dict] = {}
     for role, (model, tokenizer, _) in loaded.items():
@@ -218,21 +252,20 @@ def evaluate_run(ctx: Context) -> dict:
             train_on=recipe.data.train_on,
             what=f"{recipe.data.test} ({role})",
         )
-        row = {"perplexity": perplexity(model, examples)}
+        row = {"perplexity": perplexity(model, examples, shard=shard)}
         if not role.startswith("student-q"):  # packed quantized weights would miscount
             row["parameters"] = num_params(model)
         if check is not None and all("answer" in r for r in records):
-            bar = tqdm(
-                total=len(records), desc=f"eval {role}", unit="problem", disable=not ctx.progress
-            )
+            bar = tqdm(total=mine, desc=f"eval {role}", unit="problem", disable=not ctx.progress)
             acc, outputs = exact_match(
                 model,
                 tokenizer,
                 records,
                 check,
                 max_new_tokens=recipe.eval.max_new_tokens,
-                batch_size=recipe.eval.batch_size,
+                batch_size=bs,
                 progress=bar,
+                shard=shard,
             )
             bar.close()
             row["exact_match"] = acc
@@ -245,14 +278,17 @@ def evaluate_run(ctx: Context) -> dict:
             tokenizer,
             records[:SAMPLES],
             max_new_tokens=recipe.eval.max_new_tokens,
+            shard=shard,
         )
         if role != "teacher" and "teacher" in loaded:
-            row["top1_agreement"] = top1_agreement(model, loaded["teacher"][0], examples)
+            teacher = loaded["teacher"][0]
+            row["top1_agreement"] = top1_agreement(model, teacher, examples, shard=shard)
         results[role] = row
     summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
     out = ctx.stage_dir("eval")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
     brief = {
         role: {k: v for k, v in row.items() if k not in ("samples", "solved")}
         for role, row in results.items()

@@ -68,9 +68,18 @@ def _teacher_path(ctx: Context) -> Path:
 
 
 def _loader(ctx: Context, source, seq_len: int, batch_size: int):
+    """Batches of `batch_size` rows; in a distributed group, this rank's rows of each."""
     from mlx_distill.cache.loader import Loader
+    from mlx_distill.train import distributed
 
-    return Loader(source, batch_size=batch_size, seq_len=seq_len, seed=ctx.recipe.seed)
+    return Loader(
+        source,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=ctx.recipe.seed,
+        rank=distributed.rank(),
+        world=distributed.world(),
+    )
 
 
 # -- stages ---------------------------------------------------------------------------------
@@ -148,9 +157,11 @@ def _adapters_dir(ctx: Context, run: str) -> Path:
 def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     from mlx_distill.cache import open_cache
     from mlx_distill.models import num_params, save_model
+    from mlx_distill.train import distributed
     from mlx_distill.train.trainer import train
 
     recipe = ctx.recipe
+    main = distributed.is_main()  # in a distributed group rank 0 alone writes the models
     tokenizer = _tokenizer(ctx)
     model, config = _student(ctx, tokenizer)
     if config["vocab_size"] < len(tokenizer.get_vocab()):
@@ -175,7 +186,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
 
         # mlx_lm.load(base, adapter_path=...) needs the base: the pretrained folder, or the
         # initial weights saved inside the adapter folder.
-        if recipe.student.init != "pretrained":
+        if recipe.student.init != "pretrained" and main:
             save_model(model, config, _student_tokenizer_dir(ctx), adapters / "base")
         apply_adapters(model, recipe.student)
     loader = None
@@ -203,29 +214,34 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     )
     loader.close()
     out = ctx.run_dir / ("student" if use_cache else "baseline")
-    stage_json = (ctx.stage_dir(run) / "stage.json").read_text() if run == "baseline" else None
+    stage_json = None
+    if run == "baseline" and main:  # save_model replaces the folder that holds it
+        stage_json = (ctx.stage_dir(run) / "stage.json").read_text()
     adapter_info = {}
     if recipe.student.train != "full":
         from mlx_distill.models.adapters import fuse_adapters, num_trainable, save_adapters
 
         adapter_info = {"adapters": str(adapters), "trainable": num_trainable(model)}
         base = recipe.student.path if recipe.student.init == "pretrained" else adapters / "base"
-        save_adapters(model, recipe.student, adapters, Path(base).resolve())
+        if main:
+            save_adapters(model, recipe.student, adapters, Path(base).resolve())
         fuse_adapters(model)  # the exported student loads alone, as after mlx_lm.fuse
-    save_model(model, config, _student_tokenizer_dir(ctx), out)
     bits = recipe.export.quantize_bits
-    if use_cache and bits:
-        from mlx_distill.models import export_quantized
+    if main:
+        save_model(model, config, _student_tokenizer_dir(ctx), out)
+        if use_cache and bits:
+            from mlx_distill.models import export_quantized
 
-        export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
-    if stage_json is not None:  # the baseline's model folder is also its stage folder
-        (out / "stage.json").write_text(stage_json)
+            export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
+        if stage_json is not None:  # the baseline's model folder is also its stage folder
+            (out / "stage.json").write_text(stage_json)
     summary = {
         "parameters": num_params(model),
         **adapter_info,
         "seconds": round(result.seconds, 1),
         "final_loss": result.final_loss,
         "resumed_from": result.resumed_from,
+        **_group_summary(result),
         "path": str(out),
         **_cut_summary(cut),
     }
@@ -235,6 +251,15 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         summary["scoring_s"] = round(stats["score_s"], 1)
         summary["on_policy_batches"] = int(stats["on_policy_batches"])
     return summary
+
+
+def _group_summary(result) -> dict:
+    """In a distributed group: its size and the measured all-reduce time of one step."""
+    from mlx_distill.train import distributed
+
+    if distributed.world() == 1:
+        return {}
+    return {"ranks": distributed.world(), "allreduce_ms": round(result.allreduce_s * 1e3, 2)}
 
 
 def stage_distill(ctx: Context) -> dict:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from mlx_distill import __version__
@@ -288,9 +289,15 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     Before anything is written: every input is checked (`preflight`), the run must not be held
     by another process (`RunLock`) and every stage the selected ones read must be up to date.
     The resolved recipe is written only when a stage is about to run.
+
+    In a distributed group every rank runs this; rank 0 alone reads and writes the run's state
+    (lock, recipe.yaml, stage.json) and tells the others what it decided (`distributed.on_main`,
+    which is also the barrier between stages: no rank starts a stage before rank 0 has written
+    what the stage reads).
     """
     from mlx_distill.preflight import check_inputs
     from mlx_distill.runlock import PARENT_ENV, RunLock
+    from mlx_distill.train import distributed as dist
 
     recipe = ctx.recipe
     enabled = [s for s in STAGES if s in recipe.stages]
@@ -300,38 +307,92 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
                 f"--stage {name}: not one of this recipe's stages ({', '.join(enabled)})"
             )
     selected = [s for s in enabled if not only or s in only]
-    check_inputs(recipe, selected)
-    contents = _contents(ctx)
+    dist.agree(lambda: check_inputs(recipe, selected))  # every host must see the inputs
+    contents = dist.on_main(lambda: _contents(ctx))
     prints, inputs = stage_inputs(recipe, contents)
     from mlx_distill.plan import check_recipe, format_table
 
     # Adapter settings mlx-lm cannot build and runs that will not fit stop here, before any work.
     # A side process skips it: its parent planned both runs (and it must watch its parent soon).
     side_process = bool(os.environ.get(PARENT_ENV))
-    plan = None if side_process else check_recipe(recipe, selected, ctx.jobs)
+    plan = None
+    if not side_process:
+        plan = []  # filled on every rank: each checks its own device
+        dist.agree(lambda: plan.append(check_recipe(recipe, selected, ctx.jobs)))
+        plan = plan[0]
 
     def current(name: str) -> bool:
         previous = read_stage(ctx, name) or {}
         done = previous.get("status") == "done" and previous.get("fingerprint") == prints[name]
         return done and _rerun_why(ctx, previous) is None
 
+    # Rank 0 holds the run; the other ranks of its group work under its lock.
     with RunLock(ctx.run_dir, log=ctx.log) as lock:
-        lock.check()
-        if only:
-            refuse_stale(ctx, selected, enabled, prints, inputs)
-        if any(force or not current(s) for s in selected):
-            lock.claim()
-            if not lock.inherited:  # a side process runs its parent's resolved recipe
-                _write_recipe(ctx)
-        if plan is not None:
-            ctx.log(format_table(plan))
+
+        def hold() -> None:
+            lock.check()
+            if only:
+                refuse_stale(ctx, selected, enabled, prints, inputs)
+            if any(force or not current(s) for s in selected):
+                lock.claim()
+                if not lock.inherited:  # a side process runs its parent's resolved recipe
+                    _write_recipe(ctx)
+            if plan is not None:
+                ctx.log(format_table(plan))
+
+        dist.on_main(hold)
+        if dist.world() > 1:
+            dist.check_shared_dir(ctx.run_dir)
         return _run_selected(ctx, enabled, selected, prints, inputs, force, current, contents)
+
+
+def _every_rank(ctx: Context, name: str) -> bool:
+    """Whether every rank of a group works on stage `name` (its share of the rows, batches or
+    problems), or rank 0 alone while the others wait."""
+    from mlx_distill.teachers import teacher_kind
+
+    if name in ("teacher", "cache"):
+        return teacher_kind(ctx.recipe.teacher.kind).data_parallel
+    return name in ("distill", "baseline", "eval")
+
+
+def _start(ctx: Context, name: str, fp: str, inputs: dict, force: bool, current) -> dict | None:
+    """Decide whether stage `name` runs (None: up to date, skipped); if it does, clear what a
+    fresh start replaces and record it as running. Returns its stage.json so far."""
+    previous = read_stage(ctx, name)
+    done = previous is not None and previous.get("status") == "done"
+    if current(name) and not force:
+        ctx.log(f"[{name}] up to date (fingerprint {fp}), skipped")
+        return None
+    rerun = _rerun_why(ctx, previous) if done else None
+    if rerun:
+        ctx.log(f"[{name}] {rerun}")
+    same = previous is not None and previous.get("fingerprint") == fp
+    resuming = same and (not done or rerun is not None)
+    if not resuming or force:
+        _clear(ctx, name)
+    ctx.log(f"[{name}] {'resuming' if resuming and not force else 'running'}")
+    info = {"stage": name, "fingerprint": fp, "status": "running", "started": time.time()}
+    info["versions"] = _versions()
+    info["inputs"] = inputs[name]
+    _write_stage(ctx, name, info)
+    return info
+
+
+def _finish(ctx: Context, name: str, info: dict, result: dict) -> dict:
+    info.update(status="done", finished=time.time())
+    info["seconds"] = round(info["finished"] - info["started"], 2)
+    info["result"] = result
+    _write_stage(ctx, name, info)
+    ctx.log(f"[{name}] done in {info['seconds']:.1f}s")
+    return result
 
 
 def _run_selected(
     ctx, enabled, selected, prints, inputs, force, current, contents
 ) -> dict[str, str]:
     from mlx_distill.pipeline import STAGE_FUNCTIONS
+    from mlx_distill.train import distributed as dist
 
     outcome: dict[str, str] = {}
     side: subprocess.Popen | None = None  # the baseline, training beside the KD student
@@ -341,44 +402,32 @@ def _run_selected(
             outcome[name] = _join_side(ctx, side, name, fp)
             side = None
             continue
-        previous = read_stage(ctx, name)
-        done = previous is not None and previous.get("status") == "done"
-        if current(name) and not force:
-            ctx.log(f"[{name}] up to date (fingerprint {fp}), skipped")
+        info = dist.on_main(partial(_start, ctx, name, fp, inputs, force, current))
+        if info is None:
             outcome[name] = "skipped"
             continue
-        rerun = _rerun_why(ctx, previous) if done else None
-        if rerun:
-            ctx.log(f"[{name}] {rerun}")
-        same = previous is not None and previous.get("fingerprint") == fp
-        resuming = same and (not done or rerun is not None)
-        if not resuming or force:
-            _clear(ctx, name)
-        ctx.log(f"[{name}] {'resuming' if resuming and not force else 'running'}")
-        started = time.time()
-        info = {"stage": name, "fingerprint": fp, "status": "running", "started": started}
-        info["versions"] = _versions()
-        info["inputs"] = inputs[name]
-        _write_stage(ctx, name, info)
         baseline_pending = "baseline" in selected and (force or not current("baseline"))
-        if name == "distill" and ctx.jobs > 1 and baseline_pending:
+        if name == "distill" and ctx.jobs > 1 and baseline_pending:  # jobs is 1 in a group
             side = _spawn_side(ctx, "baseline", force)
         try:
             with _blas_share(side is not None):
-                result = STAGE_FUNCTIONS[name](ctx) or {}
+                if _every_rank(ctx, name):
+                    result = STAGE_FUNCTIONS[name](ctx) or {}
+                else:
+                    result = dist.on_main(partial(STAGE_FUNCTIONS[name], ctx)) or {}
         except BaseException as e:
-            status = "incomplete" if isinstance(e, StageIncomplete) else "failed"
-            info.update(status=status, error=f"{type(e).__name__}: {e}"[:1000])
-            _write_stage(ctx, name, info)
+            if dist.is_main():
+                status = "incomplete" if isinstance(e, StageIncomplete) else "failed"
+                info.update(status=status, error=f"{type(e).__name__}: {e}"[:1000])
+                _write_stage(ctx, name, info)
             if side is not None:
                 side.terminate()  # it checkpoints as it goes; a rerun resumes it
                 side.wait()
                 _close_side(side)
             raise
-        info.update(status="done", finished=time.time(), seconds=round(time.time() - started, 2))
-        info["result"] = result
-        _write_stage(ctx, name, info)
-        ctx.log(f"[{name}] done in {info['seconds']:.1f}s")
+        # Rank 0's result (its stage.json) on every rank, once every rank is done.
+        dist.barrier()
+        result = dist.on_main(partial(_finish, ctx, name, info, result))
         outcome[name] = "ran"
         if result.get("content") and result["content"] != contents.get(name):
             contents[name] = result["content"]  # what it made changed: so do downstream prints
@@ -472,17 +521,24 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
     from mlx_distill.preflight import check_inputs
     from mlx_distill.report import write_report
     from mlx_distill.runlock import RunLock
+    from mlx_distill.train import distributed as dist
 
-    ctx = _run_context(Path(run_dir), progress)
+    ctx = _run_context(Path(run_dir), progress and dist.is_main())
+    if not dist.is_main():
+        ctx.log = lambda msg: None
     enabled = [s for s in STAGES if s in ctx.recipe.stages]
-    check_inputs(ctx.recipe, ["eval"])
+    dist.agree(lambda: check_inputs(ctx.recipe, ["eval"]))
     prints, inputs = stage_inputs(ctx.recipe)
     with RunLock(ctx.run_dir, log=ctx.log) as lock:
-        lock.check()
-        refuse_stale(ctx, ["eval"], enabled, prints, inputs)
-        lock.claim()
-        results = evaluate_run(ctx)
-        write_report(ctx)
+
+        def hold() -> None:  # rank 0 holds the run for its whole group
+            lock.check()
+            refuse_stale(ctx, ["eval"], enabled, prints, inputs)
+            lock.claim()
+
+        dist.on_main(hold)
+        results = evaluate_run(ctx)  # in a group: every rank its share of the problems
+        dist.on_main(lambda: write_report(ctx))
     return results
 
 

@@ -168,9 +168,15 @@ def _finished_shards(out_dir: Path, manifest: dict) -> list[dict]:
 
 def merge_rank_manifests(out_dir: str | Path) -> dict:
     """After every rank's `build_token_cache`: verify all shards, write the one manifest.json,
-    remove the partial manifests. RuntimeError when a shard is missing or damaged."""
+    remove the partial manifests. RuntimeError when a shard is missing or damaged. With no
+    partial manifest (every shard was already finished: a rerun after the merge) the complete
+    manifest.json is returned as it is."""
     out_dir = Path(out_dir)
     partial_files = sorted(out_dir.glob("manifest.rank-*.json"))
+    if not partial_files and (out_dir / fmt.MANIFEST).exists():
+        manifest = fmt.read_json_manifest(out_dir)
+        if manifest.get("complete"):
+            return manifest
     if not partial_files:
         raise RuntimeError(f"{out_dir}: no rank manifests to merge")
     manifest = json.loads(partial_files[0].read_text())

@@ -54,7 +54,13 @@ class Teacher(Protocol):
 
 class TeacherKind(Protocol):
     """The stages' view of one teacher kind. Every method is a classmethod taking the stage
-    `Context` (mlx_distill.context); each returns the JSON-able summary for `stage.json`."""
+    `Context` (mlx_distill.context); each returns the JSON-able summary for `stage.json`.
+
+    `data_parallel`: in a distributed group, True when every rank runs `teach` and
+    `build_cache` on its share (they split the work and rank 0 writes the shared files); False
+    when rank 0 runs them alone (an API teacher: one client, one record store)."""
+
+    data_parallel: bool
 
     @classmethod
     def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:

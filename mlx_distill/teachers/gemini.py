@@ -70,6 +70,8 @@ class GeminiTeacher:
 
     # -- the stages' interface (teachers.base.TeacherKind) ------------------------------------
 
+    data_parallel = False  # one client and one record store: rank 0 asks, the others wait
+
     @classmethod
     def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
         # What an answer depends on, and nothing else: a changed max_cost, rate limit, timeout,

@@ -228,6 +228,8 @@ class LocalTeacher:
 
     # -- the stages' interface (teachers.base.TeacherKind) ------------------------------------
 
+    data_parallel = True  # ranks train the teacher together and score their cache shards
+
     @classmethod
     def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
         from mlx_distill.stages import _file_digest as file_digest
@@ -247,12 +249,14 @@ class LocalTeacher:
         import json
 
         from mlx_distill import pipeline
+        from mlx_distill.train import distributed
 
         recipe, out = ctx.recipe, ctx.stage_dir("teacher")
         tokenizer = pipeline._tokenizer(ctx)
         if recipe.teacher.path:  # checked in the preflight: a model folder with this tokenizer
             path = Path(recipe.teacher.path).resolve()
-            (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
+            if distributed.is_main():
+                (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
             return {"path": str(path), "trained": False}
         from mlx_distill.models import build_model, num_params, save_model
         from mlx_distill.train.trainer import train
@@ -282,10 +286,12 @@ class LocalTeacher:
             validate=pipeline._validator(ctx, tokenizer, cut),
         )
         loader.close()
-        path = save_model(model, config, ctx.stage_dir("tokenizer"), out / "model")
-        (out / "teacher.json").write_text(
-            json.dumps({"kind": "local", "path": str(path.resolve())})
-        )
+        path = out / "model"
+        if distributed.is_main():  # every rank holds the same weights; rank 0 writes them
+            save_model(model, config, ctx.stage_dir("tokenizer"), path)
+            (out / "teacher.json").write_text(
+                json.dumps({"kind": "local", "path": str(path.resolve())})
+            )
         return {
             "path": str(path),
             "trained": True,
@@ -299,6 +305,8 @@ class LocalTeacher:
         """Score the training sequences with the local teacher into the token cache."""
         from mlx_distill import pipeline
         from mlx_distill.cache import build_token_cache
+        from mlx_distill.cache.writer import merge_rank_manifests
+        from mlx_distill.train import distributed
 
         recipe = ctx.recipe
         tokenizer = pipeline._tokenizer(ctx)
@@ -319,7 +327,12 @@ class LocalTeacher:
             seed=recipe.seed,
             fingerprint=cls.cache_expect(ctx, tokenizer),
             progress=ctx.progress,
+            rank=distributed.rank(),
+            world=distributed.world(),
         )
+        if distributed.world() > 1:  # each rank wrote its shards: rank 0 writes the manifest
+            distributed.barrier()
+            manifest = distributed.on_main(lambda: merge_rank_manifests(ctx.stage_dir("cache")))
         return {
             "rows": manifest["rows"],
             "tokens": manifest["tokens"],

@@ -96,22 +96,38 @@ def available_backends() -> dict[str, bool]:
     return {b: bool(mx.distributed.is_available(b)) for b in BACKENDS}
 
 
+def launched_world() -> int | None:
+    """The world size the launcher's environment names (before joining), None if unknown."""
+    env, backend = os.environ, launched_backend()
+    try:
+        if backend == "ring":
+            return len(json.loads(Path(env["MLX_HOSTFILE"]).read_text()))
+        if backend == "jaccl" and env.get("MLX_IBV_DEVICES"):
+            return len(json.loads(Path(env["MLX_IBV_DEVICES"]).read_text()))
+        if backend == "nccl" and env.get("MLX_WORLD_SIZE"):
+            return int(env["MLX_WORLD_SIZE"])
+        if backend == "mpi" and env.get("OMPI_COMM_WORLD_SIZE"):
+            return int(env["OMPI_COMM_WORLD_SIZE"])
+    except (OSError, ValueError, TypeError):
+        return None
+    return None
+
+
 def describe() -> dict:
-    """For `doctor`: backends this MLX build has, and the group this process would join."""
+    """For `doctor`: backends this MLX build has, and the group this process would join (from
+    the launcher's environment; nothing is joined)."""
     backend = launched_backend()
-    info: dict = {"backends": available_backends(), "launched": backend is not None}
+    info: dict = {"backends": available_backends()}
     if backend is None:
-        info["group"] = "none (one process; start ranks with mlx.launch or run --hosts FILE)"
+        info["group"] = "single process (start ranks with mlx.launch, or run --hosts FILE)"
         return info
-    info["backend"] = backend
-    info["rank"] = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
-    hostfile = os.environ.get("MLX_HOSTFILE")
-    if backend == "ring" and hostfile:
+    rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+    info["group"] = {"backend": backend, "rank": rank, "size": launched_world()}
+    if backend == "ring":
         try:
-            hosts = json.loads(Path(hostfile).read_text())
-            info["world"], info["hosts"] = len(hosts), hosts
+            info["group"]["hosts"] = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
         except (OSError, ValueError) as e:
-            info["hostfile_error"] = f"{hostfile}: {e}"
+            info["group"]["hostfile_error"] = f"{os.environ['MLX_HOSTFILE']}: {e}"
     return info
 
 
@@ -157,6 +173,21 @@ def token_mean(grads, loss: mx.array, metrics: dict, n: mx.array):
     return tree["grads"], tree["loss"], tree["metrics"]
 
 
+def allreduce_seconds(params, repeats: int = 10) -> float | None:
+    """Median wall time of one all-reduce of a float32 buffer the size of `params` (what a
+    training step sends: its gradient), after one warm-up; None outside a group."""
+    if _group is None:
+        return None
+    size = sum(v.size for _, v in tree_flatten(params))
+    buffer = mx.zeros((size,), mx.float32)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        mx.eval(all_sum(buffer))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
 def gather_objects(obj) -> list:
     """Every rank's JSON-able `obj`, in rank order, on every rank."""
     if _group is None:
@@ -176,6 +207,81 @@ def broadcast(obj):
     return gather_objects(obj if is_main() else None)[0]
 
 
+def _rethrow(kind: str, message: str):
+    """The exception a rank raises for another rank's error (`on_main`, `agree`): the same class
+    for BadInput and StageIncomplete, so every rank exits with the same code. Marked `shared`:
+    rank 0 prints it, the others exit quietly (`quiet`)."""
+    from mlx_distill.errors import StageIncomplete
+
+    cls = {"BadInput": BadInput, "StageIncomplete": StageIncomplete}.get(kind, RuntimeError)
+    e = cls(message)
+    e.shared = True
+    return e
+
+
+def _error(e: BaseException) -> list[str]:
+    from mlx_distill.errors import StageIncomplete
+
+    if isinstance(e, (BadInput, StageIncomplete)):
+        return [type(e).__name__, str(e)]
+    return ["RuntimeError", f"{type(e).__name__}: {e}"]
+
+
+def quiet(e: BaseException) -> bool:
+    """True when this rank should not print `e`: another rank's error that rank 0 prints."""
+    return _group is not None and not is_main() and getattr(e, "shared", False)
+
+
+def on_main(fn):
+    """Run `fn()` on rank 0 alone while the others wait; its JSON-able result on every rank.
+
+    An exception on rank 0 is raised on every rank (`_rethrow`). Outside a group: `fn()`.
+    """
+    if _group is None:
+        return fn()
+    out, error = None, None
+    if is_main():
+        try:
+            out = fn()
+        except Exception as e:
+            error = e
+    shared = broadcast({"result": out} if error is None else {"error": _error(error)})
+    if error is not None:
+        raise error
+    if "error" in shared:
+        raise _rethrow(*shared["error"])
+    return shared["result"]
+
+
+def agree(fn) -> None:
+    """Run the check `fn()` on every rank; if any rank raised, every rank raises the first
+    failing rank's error (named "rank r: ..." when it is not rank 0). For checks every rank
+    makes before any collective work (inputs, memory)."""
+    if _group is None:
+        fn()
+        return
+    error = None
+    try:
+        fn()
+    except Exception as e:
+        error = e
+    errors = gather_objects(None if error is None else _error(error))
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    r, (kind, message) = failed[0]
+    if r == 0 and is_main():
+        raise error
+    raise _rethrow(kind, message if r == 0 else f"rank {r}: {message}")
+
+
+def map_shards(items: Sequence, fn) -> list:
+    """[fn(x) for x in items], each rank computing every W-th item; the results (JSON-able)
+    in order on every rank."""
+    mine = [fn(x) for x in shard(items)]
+    return unshard(gather_objects(mine))
+
+
 def check_same(label: str, value) -> None:
     """Fail loudly when ranks disagree on `value` (seeds, weights, batch settings)."""
     values = gather_objects(value)
@@ -193,14 +299,20 @@ def weights_digest(params) -> float:
 # -- sharding --------------------------------------------------------------------------------
 
 
-def split_batch(batch_size: int, label: str) -> int:
-    """Rows of the global batch this rank trains on; BadInput unless W divides it."""
-    if batch_size % world():
-        raise BadInput(
-            f"recipe key {label}: {batch_size} does not divide by the {world()} ranks of this "
-            "distributed run; choose a multiple of the world size"
-        )
-    return batch_size // world()
+def check_batch(batch_size: int, label: str, world_size: int, accum: int = 1) -> None:
+    """BadInput unless the global batch splits into `world_size` equal shares that each split
+    into `accum` micro-batches; the message names the key, the world size and the nearest
+    valid values."""
+    unit = world_size * accum
+    if batch_size % unit == 0:
+        return
+    below, above = batch_size // unit * unit, (batch_size // unit + 1) * unit
+    nearest = " or ".join(str(v) for v in (below, above) if v > 0)
+    per = f" times {label.rsplit('.', 1)[0]}.grad_accum {accum}" if accum > 1 else ""
+    raise BadInput(
+        f"recipe key {label}: {batch_size} does not divide by the world size {world_size}"
+        f"{per} of this distributed run; nearest valid values: {nearest}"
+    )
 
 
 def shard(items: Sequence) -> list:

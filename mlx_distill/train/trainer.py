@@ -45,6 +45,7 @@ class TrainResult:
     tokens: int
     final_loss: float
     resumed_from: int
+    allreduce_s: float | None = None  # in a group: one all-reduce of the gradient, median
 
 
 def schedule(cfg: TrainConfig):
@@ -290,5 +291,8 @@ def train(
         if restore is not None:
             restore()
     bar.close()
+    seconds = time.perf_counter() - t0
+    # What a step spends communicating, measured apart (inside the compiled step it is not).
+    allreduce = distributed.allreduce_seconds(model.trainable_parameters())
     model.eval()
-    return TrainResult(cfg.steps, time.perf_counter() - t0, tokens_seen, loss_value, start)
+    return TrainResult(cfg.steps, seconds, tokens_seen, loss_value, start, allreduce)

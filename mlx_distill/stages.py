@@ -30,7 +30,7 @@ SECTIONS = {
     "teacher": ("teacher", "data"),
     "cache": ("cache", "data"),
     "distill": ("student", "loss", "distill", "train", "data", "export"),
-    "baseline": ("student", "train", "baseline", "data"),
+    "baseline": ("student", "train", "data"),
     "eval": ("eval", "data"),
     "report": (),
 }

@@ -158,6 +158,22 @@ def score_terms(s: Shape, *, batch: int, seq: int, max_logits_mb: int = 256) -> 
     }
 
 
+def onpolicy_terms(
+    teacher: Shape, student: Shape, step: dict[str, int], *, batch: int, seq: int
+) -> dict[str, int]:
+    """What on-policy distillation adds to a training step's peak (`step`: its `train_terms`).
+
+    The teacher's weights stay loaded beside the student. Sampling (the student's KV cache and
+    last-position logits) and the teacher's scoring pass run between training steps, so only what
+    the larger of them needs beyond the step's own transients adds to the peak.
+    """
+    score = score_terms(teacher, batch=batch, seq=seq)
+    sampling = batch * seq * student.layers * 2 * student.kv_dim * 4 + batch * student.vocab * 4
+    between = max(score["activations"] + score["logits"], sampling)
+    transient = sum(step.get(n, 0) for n in ("activations", "loss", "gradients"))
+    return {"teacher_weights": score["weights"], "teacher_scoring": max(0, between - transient)}
+
+
 def eval_terms(shapes: list[Shape], *, batch: int, seq: int) -> dict[str, int]:
     """Every evaluated model is loaded at once; the largest one's batch transients on top."""
     big = max(shapes, key=lambda s: s.weight_bytes)
@@ -285,6 +301,10 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
     if "distill" in stages and student:
         kd = recipe.loss.kind != "ce" and recipe.teacher.kind == "local"
         out["distill"] = train_terms(student, k=recipe.cache.k, kd=kd, **options)
+        if recipe.distill.mode != "offline" and teacher_shape:
+            out["distill"].update(
+                onpolicy_terms(teacher_shape, student, out["distill"], batch=t.batch_size, seq=seq)
+            )
     if "baseline" in stages and student:
         out["baseline"] = train_terms(student, k=0, kd=False, **options)
     if "eval" in stages and student:

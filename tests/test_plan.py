@@ -116,3 +116,17 @@ def test_run_predicted_not_to_fit_is_refused_before_any_work(tmp_path):
     assert "stage distill is predicted to need" in proc.stderr
     assert "train.grad_checkpoint=true" in proc.stderr and "student.train=lora" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_on_policy_plan_counts_the_teacher_beside_the_student():
+    offline = json.loads(_cli("plan", "recipes/quickstart.yaml", "--json").stdout)
+    proc = _cli("plan", "recipes/quickstart.yaml", "--json", "--set", "distill.mode=mixed")
+    assert proc.returncode == 0, proc.stderr
+    mixed = json.loads(proc.stdout)
+    teacher = Path(ROOT / "data/quickstart/teacher/model.safetensors").stat().st_size
+    terms = mixed["stages"]["distill"]["terms"]
+    # fp32 weights: the safetensors file is the tensors plus a small JSON header
+    assert 0.98 * teacher <= terms["teacher_weights"] <= teacher
+    added = mixed["stages"]["distill"]["peak_bytes"] - offline["stages"]["distill"]["peak_bytes"]
+    assert added == terms["teacher_weights"] + terms["teacher_scoring"]
+    assert mixed["stages"]["baseline"] == offline["stages"]["baseline"]

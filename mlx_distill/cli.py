@@ -389,15 +389,11 @@ def _main(debug: bool) -> int:
 
 
 def main() -> None:
-    import os
-
-    from mlx_distill.launch import LAUNCHED_ENV, exit_line
+    from mlx_distill.launch import mark_launched, report_exit
     from mlx_distill.runlock import watch_parent
 
     watch_parent()  # a side process: exit with the parent, even while still starting up
-    launched = os.environ.pop(LAUNCHED_ENV, None)  # a rank of `--hosts`: not for its children
+    mark_launched()  # a rank of `--hosts`
     code = _main("--debug" in sys.argv)
-    if launched:  # the launching command reads every rank's code (mlx.launch's exit is 0)
-        sys.stderr.flush()
-        print(exit_line(int(os.environ.get("MLX_RANK", 0)), code), file=sys.stderr, flush=True)
+    report_exit(code)  # the launching command reads every rank's code (mlx.launch's is 0)
     sys.exit(code)

@@ -38,8 +38,25 @@ LAUNCHER_LINE = re.compile(r"\[WARN\] Node with rank \d+ (exited with code|was k
 LOCAL = "127.0.0.1"
 
 
+_launched: dict = {}  # {"rank": R} in a rank started by `launch` (see `mark_launched`)
+
+
 def exit_line(rank: int, code: int) -> str:
     return f"[mlx-distill] rank {rank} exit {code}"
+
+
+def mark_launched() -> None:
+    """In a rank `launch` started (MLX_DISTILL_LAUNCHED set): remember it, and keep the
+    variable from this process's own children."""
+    if os.environ.pop(LAUNCHED_ENV, None):
+        _launched["rank"] = int(os.environ.get("MLX_RANK", 0))
+
+
+def report_exit(code: int) -> None:
+    """This rank's last stderr line, which `launch` reads (nothing outside such a rank)."""
+    if "rank" in _launched:
+        sys.stderr.flush()
+        print(exit_line(_launched["rank"], code), file=sys.stderr, flush=True)
 
 
 def read_hostfile(path: str | Path) -> dict:
@@ -167,7 +184,7 @@ def outcome(reported: dict[int, int], world: int, launcher_code: int) -> tuple[i
     if not missing and len(failed) == world and codes in ({2}, {3}):
         return codes.pop(), None
     parts = [f"rank {r} exited with code {c}" for r, c in failed.items()]
-    parts += [f"rank {r} reported no exit code (killed or never started)" for r in missing]
+    parts += [f"rank {r} exited without reporting its code (killed?)" for r in missing]
     return 1, f"error: distributed run failed: {'; '.join(parts)}"
 
 

@@ -382,6 +382,9 @@ class _Watchdog:
                     file=sys.stderr,
                     flush=True,
                 )
+                from mlx_distill.launch import report_exit
+
+                report_exit(1)
                 os._exit(1)  # the main thread is blocked inside the collective
 
     def arm(self, label: str) -> None:

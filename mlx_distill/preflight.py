@@ -27,6 +27,7 @@ TRAINING = {"tokenizer", "teacher", "cache", "distill", "baseline"}
 def check_inputs(recipe: Recipe, stages: list[str]) -> None:
     """Raise BadInput for the first bad input that the `stages` about to run would read."""
     selected = set(stages)
+    records = {}
     for split, users in DATA_USERS.items():
         if not users & selected:
             continue
@@ -36,13 +37,54 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
                 continue  # optional
             used_by = ", ".join(s for s in STAGES if s in users & selected)
             raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
-        check_data_file(f"data.{split}", Path(value))
+        records[split] = check_data_file(f"data.{split}", Path(value))
     if selected & TRAINING or "eval" in selected:
         check_tokenizers(recipe, selected)
+        check_renders(recipe, selected, records)
 
 
-def check_data_file(key: str, path: Path) -> None:
-    """A JSONL data file: present, UTF-8 on every line, every record of a known shape."""
+def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) -> None:
+    """Every split renders with the chat template of each tokenizer that will encode it.
+
+    The recipe's tokenizer encodes every split; a local teacher's own folder encodes the test
+    split too (the eval stage scores the teacher with its tokenizer). One record per distinct
+    sequence of roles is rendered, the way the encoder does (prefix by prefix): what a
+    template checks (a system turn it rejects, alternating roles) depends on those. A trained
+    SentencePiece tokenizer uses the project's own template, which renders every known role.
+    """
+    from mlx_distill.text.tokenizer import load_tokenizer
+
+    if not recipe.tokenizer.path:
+        return
+    folders = {split: [recipe.tokenizer.path] for split in records}
+    teacher_dir = recipe.teacher.path if recipe.teacher.kind == "local" else None
+    if teacher_dir and "eval" in selected and "test" in folders:
+        folders["test"].append(teacher_dir)
+    for split, rows in records.items():
+        for folder in dict.fromkeys(folders[split]):
+            _render_each_shape(load_tokenizer(folder), rows, recipe.data.train_on, folder)
+
+
+def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> None:
+    from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
+
+    seen = set()
+    try:
+        encoder = ChatEncoder(tokenizer, max_len=1 << 30, train_on=train_on)
+        for record in records:
+            if record_shape(record) == "text":
+                continue
+            roles = tuple(m["role"] for m in record_messages(record))
+            if roles not in seen:
+                seen.add(roles)
+                encoder.spans(record)  # a template error names the record's file and line
+    except BadInput as e:
+        raise BadInput(f"{e} (chat template of the tokenizer in {folder})") from None
+
+
+def check_data_file(key: str, path: Path) -> list:
+    """A JSONL data file: present, UTF-8 on every line, every record of a known shape.
+    Returns its records."""
     from mlx_distill.text.data import read_jsonl
 
     if not path.is_file():
@@ -56,7 +98,7 @@ def check_data_file(key: str, path: Path) -> None:
                     f"{path} line {lineno}: not UTF-8 (byte {line[e.start : e.start + 1]!r} at "
                     f"column {e.start + 1}); save the file as UTF-8"
                 ) from None
-    read_jsonl(path)  # a malformed line fails here, naming file and line
+    return read_jsonl(path)  # a malformed line fails here, naming file and line
 
 
 def _json_file(path: Path) -> None:
@@ -74,16 +116,17 @@ def check_tokenizer_folder(key: str, folder: Path):
     Each JSON file is parsed first so a broken one is named with its line; a chat template that
     does not render is named with its file.
     """
-    from mlx_distill.text.tokenizer import load_tokenizer
+    from mlx_distill.text.tokenizer import already_loaded, load_tokenizer
 
     if not folder.is_dir():
         raise BadInput(f"recipe key {key}: folder not found: {folder}")
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     if not any((folder / n).is_file() for n in names[:2]):
         raise BadInput(f"recipe key {key}: no tokenizer files (tokenizer.json) in {folder}")
-    for name in names:
-        if (folder / name).is_file():
-            _json_file(folder / name)
+    if not already_loaded(folder):  # files that loaded before parse (a 150k tokenizer: ~0.5 s)
+        for name in names:
+            if (folder / name).is_file():
+                _json_file(folder / name)
     try:
         tokenizer = load_tokenizer(folder)
     except BadInput:

@@ -98,8 +98,14 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[nn.Module, dict]:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
-    """(model, tokenizer, config) from an mlx-lm folder; safetensors only, no remote code."""
-    from mlx_lm import load
+    """(model, tokenizer, config) from an mlx-lm folder; safetensors only, no remote code.
+
+    What `mlx_lm.load` returns, with the tokenizer from the project's loader (cached in-process
+    by content, and stopping at the chat template's end-of-turn token too).
+    """
+    from mlx_lm.utils import load_model as load_weights
+
+    from mlx_distill.text.tokenizer import load_tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -107,7 +113,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
     if not list(path.glob("*.safetensors")):
         raise BadInput(f"no .safetensors weights in {path}")
     check_architecture(_model_type(path))
-    model, tokenizer, config = load(str(path), return_config=True)
+    model, config = load_weights(path)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 
 
@@ -218,7 +225,13 @@ def from_teacher_layers(
 
 
 def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: str | Path) -> Path:
-    """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files) atomically."""
+    """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files) atomically.
+
+    With a tokenizer, `eos_token_id` in config.json and generation_config.json lists every id
+    generation must stop at: the config's own, the tokenizer's EOS and the chat template's
+    end-of-turn token (Gemma's `<turn|>` is not its `<eos>`; a base Qwen2's EOS is
+    `<|endoftext|>`, not `<|im_end|>`), so `mlx_lm.generate` stops where a trained turn ends.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -230,9 +243,31 @@ def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: 
         source = Path(tokenizer_dir) / name
         if source.exists():
             shutil.copy2(source, tmp / name)
+    _write_stop_ids(tmp, config, Path(tokenizer_dir) / "generation_config.json")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def _write_stop_ids(folder: Path, config: dict, generation_config: Path) -> None:
+    """Set eos_token_id (config.json, generation_config.json) to every id that ends a turn."""
+    from mlx_distill.text.tokenizer import load_tokenizer
+
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    own = config.get("eos_token_id")
+    ids = [own] if isinstance(own, int) else list(own or [])
+    tokenizer = load_tokenizer(folder, eos_token_ids=ids)
+    ids += sorted(set(tokenizer.eos_token_ids) - set(ids))
+    if not ids:
+        return
+    value = ids[0] if len(ids) == 1 else ids
+    (folder / "config.json").write_text(json.dumps(dict(config, eos_token_id=value), indent=2))
+    generation = {}
+    if generation_config.is_file():  # a pretrained student's own settings are kept
+        generation = json.loads(generation_config.read_text(encoding="utf-8"))
+    generation["eos_token_id"] = value
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
 def export_quantized(model_dir: str | Path, out_dir: str | Path, bits: int) -> Path:

@@ -8,9 +8,12 @@ ids either way (tested); the chat format's markers are added tokens.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -119,21 +122,143 @@ def _export_hf(model_file: Path, out_dir: Path) -> None:
     hf.save_pretrained(str(out_dir))
 
 
-def load_tokenizer(path: str | Path):
-    """An mlx-lm TokenizerWrapper for a model or tokenizer folder (offline, no remote code)."""
-    from mlx_lm.tokenizer_utils import load as load_wrapper
+# Files a tokenizer load reads (Hugging Face's and mlx-lm's names): the cache key hashes them.
+_TOKENIZER_INPUTS = (
+    *TOKENIZER_FILES,
+    "added_tokens.json",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "tiktoken.model",
+)
+_LOADED: OrderedDict[tuple, object] = OrderedDict()  # content key -> TokenizerWrapper
+_LOADED_MAX = 8
 
+
+def _content_key(path: Path) -> str:
+    """sha256 over the tokenizer files' names and bytes, and config.json's model_type and
+    tokenizer_class (which a load without tokenizer_class in tokenizer_config.json reads)."""
+    digest = hashlib.sha256()
+    names = sorted({*_TOKENIZER_INPUTS, *(p.name for p in path.glob("*.tiktoken"))})
+    for name in names:
+        file = path / name
+        if file.is_file():
+            digest.update(f"{name}:{file.stat().st_size}:".encode())
+            digest.update(file.read_bytes())
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            fields = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            fields = {}
+        if isinstance(fields, dict):
+            keep = {k: fields.get(k) for k in ("model_type", "tokenizer_class")}
+            digest.update(json.dumps(keep, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _model_defaults(path: Path) -> dict | None:
+    """mlx-lm's tokenizer defaults for the folder's architecture (as `mlx_lm.load` applies)."""
+    if not (path / "config.json").is_file():
+        return None
+    from mlx_lm.utils import _tokenizer_defaults
+
+    try:
+        return _tokenizer_defaults(path)
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def already_loaded(path: str | Path) -> bool:
+    """Whether this process has loaded a tokenizer from these exact files (so they parse)."""
+    path = Path(path)
+    key = _content_key(path)
+    return any(k[0] == key for k in _LOADED)
+
+
+def load_tokenizer(path: str | Path, eos_token_ids: int | Iterable[int] | None = None):
+    """An mlx-lm TokenizerWrapper for a model or tokenizer folder (offline, no remote code).
+
+    Generation stops at the tokenizer's EOS, at `eos_token_ids` (a model's config.json
+    `eos_token_id`) and at the chat template's end-of-turn token (`text.chat.end_of_turn`), so
+    every sampler of this project stops where a trained turn ends.
+
+    Loading a 150k-token tokenizer takes seconds and a run reads the same one from several
+    folders, so loads are cached in this process by content (`_content_key`: the files' bytes,
+    never their path or mtime; an edited file is a new key). The wrapper is shared: read it,
+    do not change it.
+    """
     path = Path(path)
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise BadInput(f"no tokenizer files in {path}")
-    return load_wrapper(path)
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    defaults = _model_defaults(path)
+    base_key = (_content_key(path), json.dumps(defaults, sort_keys=True, default=repr))
+    extra = tuple(sorted({int(i) for i in eos_token_ids or ()}))
+    key = (*base_key, extra)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    base = _LOADED.get((*base_key, ()))
+    if base is None:
+        base = _load(path, defaults)
+        _remember((*base_key, ()), base)
+    wrapper = base
+    if extra and not set(extra) <= base.eos_token_ids:
+        wrapper = copy.copy(base)  # shares the loaded tokenizer; only the stop ids differ
+        wrapper.eos_token_ids = base.eos_token_ids | set(extra)
+    _remember(key, wrapper)
+    return wrapper
+
+
+def _remember(key: tuple, wrapper) -> None:
+    _LOADED[key] = wrapper
+    _LOADED.move_to_end(key)
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.popitem(last=False)
+
+
+def _load(path: Path, defaults: dict | None):
+    from mlx_lm.tokenizer_utils import load as load_wrapper
+
+    from mlx_distill.text.chat import end_of_turn
+
+    wrapper = load_wrapper(path, defaults=defaults)
+    try:
+        wrapper.eos_token_ids = wrapper.eos_token_ids | {end_of_turn(wrapper)[1]}
+    except BadInput:
+        pass  # a template that renders no end-of-turn token: the encoder and preflight say so
+    return wrapper
+
+
+_VOCAB_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocab_hash(tokenizer) -> str:
-    """sha256 of the sorted token -> id map: equal only for interchangeable tokenizers."""
+    """sha256 of the sorted token -> id map: equal only for interchangeable tokenizers.
+
+    Remembered per tokenizer object and its length (a 150k vocabulary takes about a second to
+    hash, and a run asks for the same one's hash several times; an added token changes it).
+    """
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        size, digest = _VOCAB_HASHES.get(hf, (None, None))
+    except TypeError:  # not weak-referenceable: compute every time
+        size, digest = None, None
+    if digest is not None and size == len(hf):
+        return digest
     vocab = tokenizer.get_vocab()
     text = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        _VOCAB_HASHES[hf] = (len(hf), digest)
+    except TypeError:
+        pass
+    return digest
 
 
 def template_hash(tokenizer) -> str:

@@ -144,6 +144,12 @@ def setup() -> str | None:
     return None
 
 
+def blas_threads() -> int | None:
+    """The loaded OpenBLAS's thread count (None when no OpenBLAS was loaded here)."""
+    fn = getattr(_lib[0], "openblas_get_num_threads", None) if _lib else None
+    return int(fn()) if fn is not None else None
+
+
 def set_blas_threads(n: int) -> bool:
     """Set the loaded OpenBLAS's thread count (False when no OpenBLAS was loaded here)."""
     fn = getattr(_lib[0], "openblas_set_num_threads", None) if _lib else None

@@ -451,14 +451,15 @@ class _blas_share:
     def __enter__(self):
         from mlx_distill import backend
 
+        self.before = backend.blas_threads() if self.active else None
         if self.active:
             backend.set_blas_threads(_half_cores()[0])
 
     def __exit__(self, *exc):
         from mlx_distill import backend
 
-        if self.active:
-            backend.set_blas_threads(os.cpu_count() or 1)
+        if self.active:  # the count it had (OPENBLAS_NUM_THREADS), not the core count
+            backend.set_blas_threads(self.before or os.cpu_count() or 1)
 
 
 def _close_side(proc: subprocess.Popen) -> None:

@@ -281,46 +281,27 @@ def cache_repair(path, as_json, no_progress):
     _emit(repair_cache(Path(path), progress=not no_progress), as_json)
 
 
+def _step_option(flag: str, default: int, what: str, low: int = 1):
+    """A `bench step` size: an integer of at least `low`, its default shown in --help."""
+    return click.option(
+        flag,
+        type=click.IntRange(min=low),
+        default=default,
+        show_default=True,
+        help=f"bench step: {what}",
+    )
+
+
 @cli.command()
 @click.argument(
     "what", type=click.Choice(["loss", "step", "cache", "teacher", "all"]), default="all"
 )
 @click.option("--size", default=None, help="Loss size N,V,d (bench loss).")
-@click.option(
-    "--layers",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="bench step: blocks of the Qwen2.5-0.5B-shaped model.",
-)
-@click.option(
-    "--batch",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="bench step: sequences per step.",
-)
-@click.option(
-    "--seq",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="bench step: tokens per sequence.",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="bench step: timed steps per variant (after one warm-up step).",
-)
-@click.option(
-    "--vocab",
-    type=click.IntRange(min=2),
-    default=151_936,
-    show_default=True,
-    help="bench step: vocabulary size (Qwen2.5's by default).",
-)
+@_step_option("--layers", 2, "blocks of the Qwen2.5-0.5B-shaped model.")
+@_step_option("--batch", 4, "sequences per step.")
+@_step_option("--seq", 1024, "tokens per sequence.")
+@_step_option("--steps", 2, "timed steps per variant (after one warm-up step).")
+@_step_option("--vocab", 151_936, "vocabulary size (Qwen2.5's by default).", low=2)
 @click.option(
     "--train",
     "trains",

@@ -19,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_distill.context import Context
-from mlx_distill.kernels import distill_loss
 from mlx_distill.kernels.loss import forward_only
 from mlx_distill.models import Head, hidden_states, lm_head
 from mlx_distill.text.examples import TokenizedExample
@@ -68,16 +67,7 @@ def perplexity(
             return [0.0, 0]
         with forward_only():
             hidden = hidden_states(model, tokens)
-            loss, _ = distill_loss(
-                hidden,
-                head.weight,
-                None,
-                kind="ce",
-                labels=labels,
-                mask=mask,
-                transform=head.transform,
-                low_rank=head.low_rank(hidden),
-            )
+            loss, _ = head.loss(hidden, None, kind="ce", labels=labels, mask=mask)
         return [loss.item() * n, n]
 
     total, count = 0.0, 0

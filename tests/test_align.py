@@ -172,7 +172,8 @@ def test_records_to_examples_masks_reply_and_aligns(kind, tmp_path, monkeypatch)
 
     from mlx_distill.cache.records import read_records
     from mlx_distill.recipe import load_recipe
-    from mlx_distill.teachers.gemini import records_to_examples, run_gemini_teacher
+    from mlx_distill.teachers.align import records_to_examples
+    from mlx_distill.teachers.gemini import run_gemini_teacher
 
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

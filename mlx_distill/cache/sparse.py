@@ -27,10 +27,17 @@ class RowTargets(NamedTuple):
     logprobs: np.ndarray
 
 
+def tempered_logprobs(logits: mx.array, temperature: float) -> mx.array:
+    """(..., V) logits -> (..., V) log softmax(logits / temperature): a teacher's targets."""
+    scaled = logits / temperature
+    return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+
 def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(P, V) log-probs -> ids (P, k) int32 and log-probs (P, k) float32, sorted descending."""
+    """(..., V) log-probs -> ids (..., k') int32 and log-probs (..., k') float32, sorted
+    descending; k' = min(k, V)."""
     k = min(k, logprobs.shape[-1])
-    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
     vals = mx.take_along_axis(logprobs, idx, axis=-1)
     order = mx.argsort(-vals, axis=-1)
     idx = mx.take_along_axis(idx, order, axis=-1)

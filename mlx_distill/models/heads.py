@@ -7,8 +7,7 @@ wherever the architecture keeps it (tied embedding or separate head, under a mul
 forced to -inf). The trainer's whole use of it:
 
     hidden, head = head_inputs(model, tokens)
-    distill_loss(hidden, head.weight, targets, ..., transform=head.transform,
-                 low_rank=head.low_rank(hidden))
+    head.loss(hidden, targets, ...)  # distill_loss with the head's weight, transform, adapter
 
 A LoRA-adapted head (student.train: lora with the head among the adapter keys) stays its frozen
 base weight (dense or quantized) plus the adapter's low-rank term, which the loss adds chunk by
@@ -28,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_distill.errors import BadInput
+from mlx_distill.kernels.loss import distill_loss
 from mlx_distill.kernels.targets import LogitTransform, LowRank, QuantizedWeight
 from mlx_distill.models import adapters
 
@@ -121,6 +121,18 @@ class Head:
     @property
     def vocab(self) -> int:
         return self.weight.shape[0]
+
+    def loss(self, hidden: mx.array, targets, **kwargs) -> tuple[mx.array, dict[str, mx.array]]:
+        """`distill_loss(hidden (B, L, d), self.weight, targets, **kwargs)` through this head:
+        its logits transform and its adapter's low-rank term. Returns (loss, metrics)."""
+        return distill_loss(
+            hidden,
+            self.weight,
+            targets,
+            transform=self.transform,
+            low_rank=self.low_rank(hidden),
+            **kwargs,
+        )
 
     def logits(self, hidden: mx.array) -> mx.array:
         """Materialized logits (..., V) in float32 for a few rows (evaluation, teacher scoring)."""

@@ -3,8 +3,8 @@
 `run_gemini_teacher` fills a records cache (`mlx_distill.cache.records`) from a prompt list:
 resumable (a prompt whose answer is durable is never asked again), bounded in flight, rate
 limited, retried, cost-tallied and stoppable at `teacher.gemini.max_cost`; batch mode goes
-through the Batch API (`teachers/batch.py`). `records_to_examples` turns the records into
-training examples for a student tokenizer (`teachers/align.py`). `GeminiTeacher` is the plain
+through the Batch API (`teachers/batch.py`). `teachers.align.records_to_examples` turns the
+records into training examples for a student tokenizer. `GeminiTeacher` is the plain
 `Teacher` interface over the same request path.
 """
 
@@ -407,21 +407,3 @@ async def _run_online(
         )
         return "max_cost"
     return None
-
-
-def records_to_examples(
-    out_dir: Path,
-    tokenizer: Any,
-    *,
-    think_open: str = "<think>",
-    think_close: str = "</think>",
-    k: int = 20,
-):
-    """Training examples (and sparse targets where log-probs exist) from a records cache.
-
-    Returns (examples: list[TokenizedExample], targets: list[(ids (T,k) int32, logprobs (T,k)
-    float32) | None], coverage: dict). See `mlx_distill.teachers.align.records_to_examples`.
-    """
-    from mlx_distill.teachers.align import records_to_examples as convert
-
-    return convert(out_dir, tokenizer, think_open=think_open, think_close=think_close, k=k)

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_distill.cache.sparse import RowTargets, sample_targets, topk_targets
+from mlx_distill.cache.sparse import RowTargets, sample_targets, tempered_logprobs, topk_targets
 from mlx_distill.errors import BadInput
 from mlx_distill.teachers.base import Completion
 from mlx_distill.text.examples import TokenizedExample
@@ -156,8 +156,8 @@ class LocalTeacher:
                 empty = np.zeros(0, dtype=np.int32)
                 out.extend(RowTargets(empty, empty, empty.astype(np.float32)) for _ in rows)
                 continue
-            lp = logits.reshape(-1, logits.shape[-1])[mx.array(flat)] / temperature
-            lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+            at_loss = logits.reshape(-1, logits.shape[-1])[mx.array(flat)]  # (P, V)
+            lp = tempered_logprobs(at_loss, temperature)
             splits = np.cumsum([len(p) for p in pos])[:-1]
             if targets == "topk":
                 ids, vals = topk_targets(lp, k)

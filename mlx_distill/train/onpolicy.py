@@ -22,6 +22,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from mlx_distill.cache.sparse import tempered_logprobs, topk_targets
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels import SparseTargets
 from mlx_distill.kernels.loss import choose_chunk
@@ -170,17 +171,10 @@ def score_sequences(
         y = mx.array(labels[r0 : r0 + rows])
         lse = mx.logsumexp(logits, axis=-1)
         picked = mx.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - lse
-        scaled = logits / temperature
-        scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-        kk = min(k, scaled.shape[-1])
-        top = mx.argpartition(-scaled, kth=kk - 1, axis=-1)[..., :kk]
-        vals = mx.take_along_axis(scaled, top, axis=-1)
-        order = mx.argsort(-vals, axis=-1)
-        top = mx.take_along_axis(top, order, axis=-1)
-        vals = mx.take_along_axis(vals, order, axis=-1)
-        mx.eval(top, vals, picked)
-        ids[r0 : r0 + rows, :, :kk] = np.array(top)
-        lps[r0 : r0 + rows, :, :kk] = np.array(vals)
+        top, vals = topk_targets(tempered_logprobs(logits, temperature), k)
+        kk = top.shape[-1]
+        ids[r0 : r0 + rows, :, :kk] = top
+        lps[r0 : r0 + rows, :, :kk] = vals
         chosen[r0 : r0 + rows] = np.array(picked)
     # Positions without loss: a valid one-hot distribution, as the cache loader writes them.
     ids[~mask] = 0

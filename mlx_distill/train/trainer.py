@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_distill.kernels import SparseTargets, distill_loss
+from mlx_distill.kernels import SparseTargets
 from mlx_distill.models import head_inputs
 from mlx_distill.models.adapters import head_trains
 from mlx_distill.recipe import LossConfig, TrainConfig
@@ -65,22 +65,12 @@ def make_loss(loss_cfg: LossConfig | None):
         hidden, head = head_inputs(model, tokens)
         # A frozen head (LoRA on other layers, or a LoRA head's base) needs no (V, d) gradient.
         weight_grad = head.adapter is None and head_trains(model)
-        low_rank = head.low_rank(hidden)
         if loss_cfg is None or ids is None:
-            return distill_loss(
-                hidden,
-                head.weight,
-                None,
-                kind="ce",
-                labels=labels,
-                mask=mask,
-                transform=head.transform,
-                weight_grad=weight_grad,
-                low_rank=low_rank,
+            return head.loss(
+                hidden, None, kind="ce", labels=labels, mask=mask, weight_grad=weight_grad
             )
-        return distill_loss(
+        return head.loss(
             hidden,
-            head.weight,
             SparseTargets(ids, logprobs),
             kind=loss_cfg.kind,
             beta=loss_cfg.beta,
@@ -90,9 +80,7 @@ def make_loss(loss_cfg: LossConfig | None):
             kd_weight=loss_cfg.kd_weight,
             mask=mask,
             chunk_size=loss_cfg.chunk_size,
-            transform=head.transform,
             weight_grad=weight_grad,
-            low_rank=low_rank,
         )
 
     return loss_fn

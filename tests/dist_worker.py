@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
+from tiny import counting_examples, tiny_model, tiny_student, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.cache.loader import Loader
 from mlx_distill.cache.writer import merge_rank_manifests
-from mlx_distill.models import build_model
-from mlx_distill.recipe import LossConfig, ModelConfig, TrainConfig
-from mlx_distill.text.examples import TokenizedExample
+from mlx_distill.recipe import LossConfig, TrainConfig
 from mlx_distill.train import distributed as dist
 from mlx_distill.train.trainer import train
 
@@ -30,29 +28,11 @@ VOCAB = 23
 
 def examples(n=48, seed=0):
     """Sequences of 5-15 tokens (next = previous + 1), so ranks hold different token counts."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(rng.integers(5, 16))
-        tokens = (int(rng.integers(0, VOCAB)) + np.arange(length)) % VOCAB
-        mask = np.ones(length, bool)
-        mask[: int(rng.integers(1, 4))] = False
-        out.append(TokenizedExample(tokens.astype(np.int32), mask))
-    return out
-
-
-def model(seed):
-    mx.random.seed(seed)
-    cfg = ModelConfig(
-        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32
-    )
-    return build_model(cfg, VOCAB)[0]
+    return counting_examples(n, VOCAB, seed, 5, 16)
 
 
 def make_cache(out: Path):
     """The cache of `examples()` scored by a tiny local teacher, each rank its shards."""
-    from test_cache_fixtures import tiny_model, tiny_tokenizer
-
     from mlx_distill.teachers.local import LocalTeacher
 
     teacher = LocalTeacher((tiny_model(VOCAB, seed=1)[0], tiny_tokenizer(VOCAB)), name="tiny")
@@ -98,7 +78,7 @@ def main():
     source = open_cache(out.parent / "shared" / "cache")
     kwargs = dict(batch_size=8, seq_len=14, seed=5, rank=dist.rank(), world=dist.world())
     loader = _Stopping(source, stop_at=stop_at, **kwargs) if stop_at else Loader(source, **kwargs)
-    student = model(3)
+    student, _ = tiny_student(VOCAB, 3)
     cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup=2, log_every=1, checkpoint_every=2)
     loss_cfg = LossConfig(kind="forward_kl", kd_weight=0.5, temperature=1.0)
     train(

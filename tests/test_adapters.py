@@ -1,25 +1,22 @@
 """LoRA / DoRA / QLoRA students: mlx-lm's adapter layers, its adapter format, fused export."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import _examples, _train
+from test_trainer import _examples
+from tiny import cli, tiny_student, train_run
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels import distill_loss
-from mlx_distill.models import build_model, hidden_states, lm_head_weight
+from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.models.adapters import apply_adapters, fuse_adapters
-from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig, TrainConfig
+from mlx_distill.recipe import LoraConfig, StudentConfig, TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 23
 
 
@@ -32,22 +29,15 @@ def _greedy(model, prompt, n=10):
 
 
 def _student(tie=True, intermediate=48):
-    mx.random.seed(4)
-    cfg = ModelConfig(
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=intermediate,
-        tie_embeddings=tie,
-    )
-    model, _ = build_model(cfg, VOCAB)
-    return model
+    cfg = dict(hidden_size=32, num_layers=2, intermediate_size=intermediate, tie_embeddings=tie)
+    return tiny_student(VOCAB, 4, **cfg)[0]
 
 
 def _fit(tmp_path, model, name, steps=8):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-2, warmup=1, log_every=4)
-    _train(tmp_path, model, Loader(_examples(), batch_size=8, seq_len=16, seed=0), cfg, None, name)
+    train_run(
+        tmp_path, model, Loader(_examples(), batch_size=8, seq_len=16, seed=0), cfg, None, name
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,21 +150,11 @@ LORA_RUN = [
 ]
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     from mlx_lm import load
 
     sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
-    proc = _cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
+    proc = cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
     for name in ("student", "baseline"):
@@ -202,7 +182,7 @@ def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
 )
 def test_bad_adapter_recipe_exits_2_and_writes_nothing(tmp_path, override, message):
     sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}", override] for a in ("--set", s)]
-    proc = _cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
+    proc = cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

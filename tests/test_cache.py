@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_cache_fixtures import random_examples, tiny_model, tiny_tokenizer
+from tiny import random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, cache_info, open_cache, verify_cache
 from mlx_distill.cache import format as fmt

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from test_cache_fixtures import random_examples, tiny_model, tiny_tokenizer
+from tiny import random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache, verify_cache
 from mlx_distill.cache import format as fmt
@@ -25,7 +25,7 @@ CHILD = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import mlx_distill
-from test_cache_fixtures import random_examples, tiny_model, tiny_tokenizer
+from tiny import random_examples, tiny_model, tiny_tokenizer
 from mlx_distill.cache import build_token_cache
 from mlx_distill.teachers.local import LocalTeacher
 model, _ = tiny_model(97, seed=11)

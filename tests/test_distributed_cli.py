@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from test_distributed import _ports
-from test_runs import ROOT, main, one_line, sets
+from test_runs import main, one_line, sets
+from tiny import ROOT, cli
 
 pytestmark = pytest.mark.skipif(
     not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
@@ -29,17 +30,6 @@ EXTRA = (
     "eval.max_new_tokens=96",
 )
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-
-
-def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(ENV, **env),
-    )
 
 
 def _ranks(tmp: Path, args: list[str], n: int = 2) -> list[tuple[int, str, str]]:
@@ -79,7 +69,7 @@ def one(tmp_path_factory):
     args = ["run", "recipes/quickstart.yaml", *sets(runs, *EXTRA), "--jobs", "1"]
     for stage in ("tokenizer", "teacher", "cache", "distill", "baseline"):
         args += ["--stage", stage]
-    proc = _cli([*args, "--no-progress"])
+    proc = cli(*args, "--no-progress", env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "quickstart"
 
@@ -128,7 +118,7 @@ def test_two_rank_eval_equals_one_process_problem_for_problem(two, tmp_path):
     assert sharded["models"]["teacher"]["solved"]  # something to compare, problem by problem
     copy = tmp_path / "runs" / "quickstart"
     shutil.copytree(run_dir, copy)
-    proc = _cli(["eval", str(copy), "--json", "--no-progress"])
+    proc = cli("eval", str(copy), "--json", "--no-progress", env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = json.loads((copy / "eval" / "results.json").read_text())
     assert alone == sharded
@@ -141,7 +131,7 @@ def test_hosts_localhost_runs_through_mlx_launch_and_a_failed_rank_fails_it(one,
     shutil.copytree(one, tmp_path / "runs" / "quickstart")
     args = ["run", "recipes/quickstart.yaml", *sets(tmp_path / "runs", *EXTRA), "--jobs", "1"]
     args += ["--stage", "distill", "--force", "--no-progress", "--hosts", str(hosts)]
-    ok = _cli(args)
+    ok = cli(*args, env=ENV)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "[WARN]" not in ok.stderr and "[mlx-distill] rank" not in ok.stderr
     info = json.loads((tmp_path / "runs" / "quickstart" / "distill" / "stage.json").read_text())
@@ -150,7 +140,7 @@ def test_hosts_localhost_runs_through_mlx_launch_and_a_failed_rank_fails_it(one,
         _metrics(tmp_path / "runs" / "quickstart")["distill"], _metrics(one)["distill"], rtol=1e-4
     )
     # Both ranks stopped by the step watchdog: mlx.launch itself exits 0 here; this command not.
-    failed = _cli(args, MLX_DISTILL_TIMEOUT="0.001")
+    failed = cli(*args, env=dict(ENV, MLX_DISTILL_TIMEOUT="0.001"))
     assert failed.returncode == 1, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     # The first rank to stop reports 1; mlx.launch may kill the other before it reports.

@@ -5,11 +5,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tiny import ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SHRINK = [
     "data.max_train=48",
     "train.steps=4",
@@ -23,14 +22,7 @@ SHRINK = [
 
 
 def run_cli(*args, env=None):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, **(env or {})),
-    )
+    proc = cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -161,22 +153,8 @@ def test_mlx_lm_generate_cli_offline(quickstart):
 
 def test_chat_reads_a_pipe(quickstart):
     run_dir, _, _ = quickstart
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_distill",
-            "chat",
-            str(run_dir / "student"),
-            "--max-tokens",
-            "4",
-        ],
-        input="Ana has 12 apples.\n/reset\nHow many?\n/quit\nnever read\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    pipe = "Ana has 12 apples.\n/reset\nHow many?\n/quit\nnever read\n"
+    proc = cli("chat", str(run_dir / "student"), "--max-tokens", "4", input=pipe, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("tokens/s]") == 2
     assert "[conversation cleared]" in proc.stdout

@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny import arithmetic_tokenizer
 
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels import DenseTargets, SparseTargets, distill_loss
@@ -34,8 +35,6 @@ from mlx_distill.models import (
     text_model,
 )
 from mlx_distill.recipe import LossConfig
-from mlx_distill.tasks import arithmetic
-from mlx_distill.text.tokenizer import train_sentencepiece
 from mlx_distill.train.trainer import make_loss
 
 TOL = 1e-4
@@ -128,13 +127,6 @@ def _variants(arch: str) -> list[str]:
 
 
 CASES = [(arch, v) for arch in sorted(VERIFIED_ARCHS) for v in _variants(arch)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)]
-    return train_sentencepiece(texts, out, vocab_size=120)
 
 
 def _spread_head(model: nn.Module, tokens: mx.array, target: float) -> None:
@@ -303,11 +295,7 @@ if __name__ == "__main__":
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_sentencepiece(
-            [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)],
-            Path(tmp) / "tok",
-            vocab_size=120,
-        )
+        tok = arithmetic_tokenizer(Path(tmp) / "tok")
         cols = ("ce", "kd_dense", "kd_topk", "grad_ce", "grad_kd_topk")
         print("| arch | variant | transform | " + " | ".join(cols) + " |")
         print("|---" * (len(cols) + 3) + "|")

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_cache_fixtures import random_examples, tiny_model, tiny_tokenizer
+from tiny import random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.cache.loader import Loader

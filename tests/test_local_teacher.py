@@ -7,7 +7,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_cache_fixtures import random_examples, save_teacher, tiny_model, tiny_tokenizer
+from tiny import random_examples, save_teacher, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.errors import BadInput

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny import vocab_of
 
 from mlx_distill.errors import BadInput
 from mlx_distill.models import (
@@ -17,21 +18,6 @@ from mlx_distill.models import (
     save_model,
 )
 from mlx_distill.recipe import ModelConfig
-from mlx_distill.tasks import arithmetic
-from mlx_distill.text.tokenizer import train_sentencepiece
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)]
-    return train_sentencepiece(texts, out, vocab_size=120)
-
-
-def _vocab(tokenizer_dir):
-    import json
-
-    return len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -46,7 +32,7 @@ def test_round_trip_and_fused_view(arch, tied, tokenizer_dir, tmp_path):
         intermediate_size=48,
         tie_embeddings=tied,
     )
-    vocab = _vocab(tokenizer_dir) + 7  # padded embedding rows, as real models have
+    vocab = vocab_of(tokenizer_dir) + 7  # padded embedding rows, as real models have
     model, config = build_model(cfg, vocab)
     path = save_model(model, config, tokenizer_dir, tmp_path / "m")
     loaded, tokenizer, loaded_config = load_model(path)
@@ -66,7 +52,7 @@ def test_student_from_every_second_teacher_layer(tokenizer_dir):
     cfg = ModelConfig(
         hidden_size=32, num_layers=5, num_heads=4, num_kv_heads=2, intermediate_size=48
     )
-    teacher, config = build_model(cfg, _vocab(tokenizer_dir))
+    teacher, config = build_model(cfg, vocab_of(tokenizer_dir))
     student, student_config = from_teacher_layers(teacher, config, stride=2)
     assert student_config["num_hidden_layers"] == 3  # layers 0, 2, 4
     for s_index, t_index in enumerate([0, 2, 4]):

@@ -10,8 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from kd_reference import reference
-from mlx.utils import tree_flatten
-from test_cache_fixtures import random_examples, tiny_model, tiny_tokenizer
+from tiny import random_examples, tiny_model, tiny_tokenizer, train_run, weights
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.cache.loader import Loader
@@ -27,7 +26,6 @@ from mlx_distill.train.onpolicy import (
     sampled_token_objective,
 )
 from mlx_distill.train.sampler import sample_completions
-from mlx_distill.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 41
@@ -209,27 +207,13 @@ def test_sampled_token_objective_and_gradient_match_float64():
 # -- runs through the trainer ---------------------------------------------------------------
 
 
-def _weights(model):
-    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-
-
 def _train(tmp_path, model, loader, run, steps=4, extra=True, loss=None, ckpt_every=0):
     cfg = TrainConfig(
         steps=steps, batch_size=4, lr=5e-3, warmup=1, log_every=1, checkpoint_every=ckpt_every
     )
     loss_cfg = loss or LossConfig(kind="forward_kl", kd_weight=0.5)
-    return train(
-        model,
-        loader,
-        cfg,
-        loss_cfg,
-        run=run,
-        metrics_path=tmp_path / f"{run}.jsonl",
-        ckpt_dir=tmp_path / run,
-        fingerprint="fp",
-        progress=False,
-        extra_losses={LOSS_TAG: onpolicy_loss(DistillConfig(), loss_cfg)} if extra else None,
-    )
+    extra_losses = {LOSS_TAG: onpolicy_loss(DistillConfig(), loss_cfg)} if extra else None
+    return train_run(tmp_path, model, loader, cfg, loss_cfg, run, extra_losses=extra_losses)
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +238,8 @@ def test_mixed_with_lambda_zero_is_bit_identical_to_offline(tmp_path, cached):
     mixed = tiny_model(V, seed=13, scale=1.0)[0]
     cfg = DistillConfig(mode="mixed", lmbda=0.0)
     _train(tmp_path, mixed, _source(mixed, teacher, cfg, cache=_cache_loader(path)), "mixed")
-    for key, value in _weights(offline).items():
-        assert np.array_equal(_weights(mixed)[key], value), key
+    for key, value in weights(offline).items():
+        assert np.array_equal(weights(mixed)[key], value), key
     losses = [
         [json.loads(x)["loss"] for x in (tmp_path / f"{r}.jsonl").read_text().splitlines()]
         for r in ("offline", "mixed")
@@ -300,8 +284,8 @@ def test_killed_onpolicy_run_resumes_to_the_same_trajectory(tmp_path, cached, mo
     resumed = tiny_model(V, seed=14, scale=1.0)[0]
     result = _train(tmp_path, resumed, source(OnPolicySource, resumed), "b", steps=6, ckpt_every=2)
     assert result.resumed_from == 2
-    for key, value in _weights(whole).items():
-        np.testing.assert_array_equal(_weights(resumed)[key], value)
+    for key, value in weights(whole).items():
+        np.testing.assert_array_equal(weights(resumed)[key], value)
     records = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["train_tokens_per_s"] > 0 for r in records)

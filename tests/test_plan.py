@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny import ROOT, cli
+
 from mlx_distill.models import model_config_dict, model_from_config
 from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.plan import shape_of, train_terms
 from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Real training steps (the trainer's own step and loss) in a fresh process; the peak of each
 # config's second step, with nothing of the previous config left alive.
@@ -89,18 +89,8 @@ def test_predicted_peak_within_25_percent_of_measured():
     assert all(0.75 <= r <= 1.25 for r in ratios), ratios
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_plan_json_names_each_stage():
-    proc = _cli("plan", "recipes/quickstart.yaml", "--json")
+    proc = cli("plan", "recipes/quickstart.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert set(plan["stages"]) == {"cache", "distill", "baseline", "eval"}
@@ -111,7 +101,7 @@ def test_plan_json_names_each_stage():
 
 def test_run_predicted_not_to_fit_is_refused_before_any_work(tmp_path):
     sets = ["--set", f"runs_dir={tmp_path}", "--set", "train.batch_size=200000"]
-    proc = _cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
+    proc = cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
     assert proc.returncode == 2
     assert "stage distill is predicted to need" in proc.stderr
     assert "train.grad_checkpoint=true" in proc.stderr and "student.train=lora" in proc.stderr
@@ -119,8 +109,8 @@ def test_run_predicted_not_to_fit_is_refused_before_any_work(tmp_path):
 
 
 def test_on_policy_plan_counts_the_teacher_beside_the_student():
-    offline = json.loads(_cli("plan", "recipes/quickstart.yaml", "--json").stdout)
-    proc = _cli("plan", "recipes/quickstart.yaml", "--json", "--set", "distill.mode=mixed")
+    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json").stdout)
+    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--set", "distill.mode=mixed")
     assert proc.returncode == 0, proc.stderr
     mixed = json.loads(proc.stdout)
     teacher = Path(ROOT / "data/quickstart/teacher/model.safetensors").stat().st_size

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from real_tokenizers import FACTS, available, tokenizer_dir
-
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT, true_spans
 
 # A handful of rows to overfit: system prompts, two assistant turns in one row, and a
 # prompt/completion row (one user and one assistant turn). Each row's answers are one word, so
@@ -103,22 +102,10 @@ def _recipe(tmp: Path, family: str) -> Path:
     return path
 
 
-def _runs(mask) -> list[tuple[int, int]]:
-    """[start, end) runs of True."""
-    out, start = [], None
-    for i, m in enumerate(list(mask) + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
-
 def bracketed(tokenizer, tokens, mask) -> str:
     """The decoded row with special tokens visible and each trained span in [[ ]]."""
     out, at = [], 0
-    for a, b in _runs(mask):
+    for a, b in true_spans(mask):
         out.append(tokenizer.decode(tokens[at:a].tolist(), skip_special_tokens=False))
         out.append("[[" + tokenizer.decode(tokens[a:b].tolist(), skip_special_tokens=False) + "]]")
         at = b
@@ -176,7 +163,7 @@ def test_trained_rows_are_the_assistant_turns_of_the_rendered_conversation(pipel
         # the row is the template's rendering, cut after the last answer's end-of-turn token
         last = messages[-1]["content"] + end
         assert text == rendered[: rendered.rindex(last) + len(last)]
-        spans = _runs(mask)
+        spans = true_spans(mask)
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         assert [tok.decode(tokens[a:b].tolist(), skip_special_tokens=False) for a, b in spans] == [
             a + end for a in answers

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import ROOT, cli
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.max_train=16",
     "cache.shard_rows=8",
@@ -33,27 +33,16 @@ def sets(runs: Path, *extra: str) -> list[str]:
     return [a for s in [*TINY, f"runs_dir={runs}", *extra] for a in ("--set", s)]
 
 
-def cli_proc(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kw,
-    )
-
-
 def main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`mlx-distill ARGS` in this process: (exit code, stdout, stderr)."""
-    from mlx_distill import cli
+    from mlx_distill import cli as command
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["mlx-distill", *args])
     capsys.readouterr()
     code = 0
     try:
-        cli.main()
+        command.main()
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -80,7 +69,7 @@ def tree(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     runs = tmp_path_factory.mktemp("taught")
-    proc = cli_proc("teach", "recipes/quickstart.yaml", *sets(runs), "--no-progress")
+    proc = cli("teach", "recipes/quickstart.yaml", *sets(runs), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "quickstart"
 
@@ -377,7 +366,7 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
     assert _gone(side), f"side process {side} outlived its killed parent"
 
     # The dead parent's lock is taken over; the run then trains to the end.
-    proc = cli_proc("train", "recipes/quickstart.yaml", *sets(runs), "--no-progress", "--json")
+    proc = cli("train", "recipes/quickstart.yaml", *sets(runs), "--no-progress", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[run] took over the lock of pid {parent.pid} (gone)" in proc.stderr
     assert json.loads(proc.stdout)["stages"] == {"distill": "ran", "baseline": "ran"}

@@ -9,29 +9,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny import vocab_of
 
 from mlx_distill import backend
 from mlx_distill.models import build_model, head_inputs, save_model
 from mlx_distill.recipe import ModelConfig
-from mlx_distill.tasks import arithmetic
 from mlx_distill.teachers.local import LocalTeacher
 from mlx_distill.text.examples import TokenizedExample
-from mlx_distill.text.tokenizer import train_sentencepiece
 
 pytestmark = pytest.mark.skipif(backend.device() != "cpu", reason="CPU-backend behaviour")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)]
-    return train_sentencepiece(texts, out, vocab_size=120)
-
-
-def _vocab(tokenizer_dir) -> int:
-    import json
-
-    return len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
 
 
 def _examples(vocab: int) -> list[TokenizedExample]:
@@ -49,7 +35,7 @@ def _examples(vocab: int) -> list[TokenizedExample]:
 def test_low_precision_teacher_scores_in_fp32(variant, tokenizer_dir, tmp_path, capsys):
     from mlx_lm.utils import quantize_model
 
-    vocab = _vocab(tokenizer_dir)
+    vocab = vocab_of(tokenizer_dir)
     cfg = ModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
     model, config = build_model(cfg, vocab)
     if variant == "bf16":

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from real_tokenizers import FACTS, available, load
+from tiny import true_spans
 
 from mlx_distill.errors import BadInput
 from mlx_distill.text.chat import ChatEncoder, end_of_turn, reasoning_span
@@ -17,18 +18,6 @@ TURNS = [
     {"role": "user", "content": "And of Italy?"},
     {"role": "assistant", "content": "Rome."},
 ]
-
-
-def _spans(mask):
-    """[start, end) runs of True."""
-    out, start = [], None
-    for i, m in enumerate(list(mask) + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((start, i))
-            start = None
-    return out
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama3", "gemma4"])
@@ -45,7 +34,7 @@ def test_assistant_turns_trained_each_ending_with_the_end_of_turn_token(name):
         assert whole.startswith(tok.decode(ids, skip_special_tokens=False))  # all turns kept
         assert "You answer in one word." in tok.decode(ids)  # the system turn too
         assert ids[-1] == eot  # the sequence ends at the last trained turn's end
-        spans = _spans(ex.mask)
+        spans = true_spans(ex.mask)
         assert len(spans) == len(answers)
         for (a, b), answer in zip(spans, answers):
             assert ids[b - 1] == eot
@@ -108,7 +97,8 @@ def test_plain_format_without_a_chat_template(tmp_path):
         "And of Italy?\n\nRome.<|eot_id|>"
     )
     spans = [
-        tok.decode(ex.tokens[a:b].tolist(), skip_special_tokens=False) for a, b in _spans(ex.mask)
+        tok.decode(ex.tokens[a:b].tolist(), skip_special_tokens=False)
+        for a, b in true_spans(ex.mask)
     ]
     assert spans == ["Paris.<|eot_id|>", "Rome.<|eot_id|>"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from real_tokenizers import FACTS, available, tokenizer_dir
+from tiny import SMALL, tiny_student
 
 from mlx_distill.text.tokenizer import load_tokenizer
 
@@ -75,26 +76,16 @@ def _stopping_model(tokenizer, prompt_ids: list[int], rows: int):
     logits depend on its own token only (embedding -> final norm -> head)."""
     import mlx.core as mx
 
-    from mlx_distill.models import build_model
-    from mlx_distill.recipe import ModelConfig
     from mlx_distill.text.chat import end_of_turn
 
-    cfg = ModelConfig(
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=32,
-        tie_embeddings=False,
-    )
-    model, config = build_model(cfg, rows)
+    model, config = tiny_student(rows, None, tie_embeddings=False)
     word = tokenizer.encode(WORD, add_special_tokens=False)
     assert len(word) == 1
     (word,), end = word, end_of_turn(tokenizer)[1]
     layer = model.model.layers[0]
     layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
     layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
-    d = cfg.hidden_size
+    d = SMALL["hidden_size"]
     eye = mx.eye(d)
     embed = mx.zeros((rows, d))
     embed = embed.at[prompt_ids[-1]].add(eye[0]).at[word].add(eye[1]).at[end].add(eye[2])

@@ -7,8 +7,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-from test_trainer import _examples, _Interrupting, _model, _train
+from test_trainer import _examples, _Interrupting, _model
+from tiny import train_run, weights
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
@@ -16,16 +16,12 @@ from mlx_distill.recipe import LossConfig, TrainConfig, load_recipe
 from mlx_distill.train.step import make_master, make_step
 
 
-def _weights(model):
-    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
-
-
 def _run(tmp_path, name, steps=4, **kw):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup=1, log_every=1, **kw)
     model = _model()
     loader = Loader(_examples(seed=5), batch_size=8, seq_len=16, seed=2)
-    _train(tmp_path, model, loader, cfg, LossConfig(kind="ce"), name)
-    return _weights(model)
+    train_run(tmp_path, model, loader, cfg, LossConfig(kind="ce"), name)
+    return weights(model)
 
 
 def test_grad_accum_equals_the_larger_batch(tmp_path):
@@ -82,7 +78,7 @@ def test_bf16_training_casts_the_model_and_keeps_fp32_masters(tmp_path):
     model = _model()
     cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup=1, log_every=1, dtype="bfloat16")
     loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
-    _train(tmp_path, model, loader, cfg, None, "bf16")
+    train_run(tmp_path, model, loader, cfg, None, "bf16")
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     saved = mx.load(str(tmp_path / "bf16" / "step-000003" / "model.safetensors"))
     assert all(v.dtype == mx.float32 for v in saved.values())
@@ -105,18 +101,18 @@ def test_killed_run_resumes_exactly(tmp_path, options):
     )
     examples = _examples()
     whole = _model()
-    _train(tmp_path, whole, Loader(examples, batch_size=4, seq_len=16, seed=1), cfg, None, "a")
+    train_run(tmp_path, whole, Loader(examples, batch_size=4, seq_len=16, seed=1), cfg, None, "a")
     killed = _model()
     with pytest.raises(KeyboardInterrupt):
         loader = _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4)
-        _train(tmp_path, killed, loader, cfg, None, "b")
+        train_run(tmp_path, killed, loader, cfg, None, "b")
     resumed = _model()
-    result = _train(
+    result = train_run(
         tmp_path, resumed, Loader(examples, batch_size=4, seq_len=16, seed=1), cfg, None, "b"
     )
     assert result.resumed_from == 2
-    for key, value in _weights(whole).items():
-        assert np.array_equal(_weights(resumed)[key], value), key
+    for key, value in weights(whole).items():
+        assert np.array_equal(weights(resumed)[key], value), key
 
 
 @pytest.mark.parametrize(

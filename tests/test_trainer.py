@@ -2,39 +2,23 @@
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from tiny import counting_examples, tiny_student, train_run, weights
 
 from mlx_distill.cache.loader import Loader
-from mlx_distill.models import build_model
-from mlx_distill.recipe import LossConfig, ModelConfig, TrainConfig
-from mlx_distill.text.examples import TokenizedExample
+from mlx_distill.recipe import LossConfig, TrainConfig
 from mlx_distill.train.trainer import train
 
 VOCAB = 23
 
 
 def _examples(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(rng.integers(6, 14))
-        start = int(rng.integers(0, VOCAB))
-        tokens = (start + np.arange(length)) % VOCAB  # learnable: next = previous + 1
-        mask = np.ones(length, bool)
-        mask[:2] = False
-        out.append(TokenizedExample(tokens, mask))
-    return out
+    return counting_examples(n, VOCAB, seed, 6, 14, prompt=2)
 
 
 def _model():
-    mx.random.seed(3)
-    cfg = ModelConfig(
-        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32
-    )
-    return build_model(cfg, VOCAB)[0]
+    return tiny_student(VOCAB, 3)[0]
 
 
 class _Interrupting(Loader):
@@ -51,30 +35,11 @@ class _Interrupting(Loader):
         return super().__next__()
 
 
-def _train(tmp_path, model, loader, cfg, loss_cfg, run, fingerprint="fp"):
-    """trainer.train with `run` naming both its metrics file and its checkpoint folder."""
-    return train(
-        model,
-        loader,
-        cfg,
-        loss_cfg,
-        run=run,
-        metrics_path=tmp_path / f"{run}.jsonl",
-        ckpt_dir=tmp_path / run,
-        fingerprint=fingerprint,
-        progress=False,
-    )
-
-
-def _weights(model):
-    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-
-
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
     model = _model()
     cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=3, log_every=5)
     loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
-    result = _train(tmp_path, model, loader, cfg, None, "baseline", "fp")
+    result = train_run(tmp_path, model, loader, cfg, None, "baseline", "fp")
     rows = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
@@ -87,7 +52,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
     examples = _examples()
 
     whole = _model()
-    _train(
+    train_run(
         tmp_path,
         whole,
         Loader(examples, batch_size=4, seq_len=16, seed=1),
@@ -99,7 +64,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
 
     killed = _model()
     with pytest.raises(KeyboardInterrupt):
-        _train(
+        train_run(
             tmp_path,
             killed,
             _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4),
@@ -110,7 +75,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
         )
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-000002"]
     resumed = _model()
-    result = _train(
+    result = train_run(
         tmp_path,
         resumed,
         Loader(examples, batch_size=4, seq_len=16, seed=1),
@@ -120,16 +85,18 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
         "fp",
     )
     assert result.resumed_from == 2
-    for key, value in _weights(whole).items():
-        np.testing.assert_allclose(_weights(resumed)[key], value, rtol=1e-5, atol=1e-6)
+    for key, value in weights(whole).items():
+        np.testing.assert_allclose(weights(resumed)[key], value, rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # step 3, logged before the kill, is replaced
 
 
 def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, log_every=1)
-    _train(tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "one")
-    result = _train(
+    train_run(
+        tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "one"
+    )
+    result = train_run(
         tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "two"
     )
     assert result.resumed_from == 0

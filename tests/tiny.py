@@ -1,0 +1,171 @@
+"""Tiny models, tokenizers and examples, a training run and the command line, as the tests
+share them (no tests here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_distill.text.examples import TokenizedExample
+
+ROOT = Path(__file__).resolve().parents[1]
+# A scratch student small enough for a test to train it for tens of steps.
+SMALL = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+
+
+def tiny_tokenizer(size: int):
+    """An HF fast tokenizer with `size` word-level tokens: t0 ... t{size-1}, t0 unknown."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1")
+
+
+def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32, scale: float = 6.0):
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab_rows,
+        tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    # scale > 1: larger logits than the default init, a peaked, teacher-like distribution
+    model.update({"model": {"embed_tokens": {"weight": model.model.embed_tokens.weight * scale}}})
+    mx.eval(model.parameters())
+    return model, args
+
+
+def save_teacher(path: Path, model, args, tokenizer, quantize_bits: int | None = None) -> Path:
+    """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files)."""
+    import dataclasses
+
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    config = {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+    if quantize_bits:
+        model, config = quantize_model(model, config, group_size=32, bits=quantize_bits)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, model, donate_model=False)
+    save_config(config, path / "config.json")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def random_examples(n: int, vocab: int, seed: int, lo: int = 3, hi: int = 40):
+    """n examples of random length with a prompt part (mask False) and an answer part."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        T = int(rng.integers(lo, hi))
+        tokens = rng.integers(0, vocab, T)
+        mask = np.zeros(T, dtype=bool)
+        mask[int(rng.integers(1, T)) :] = True
+        out.append(TokenizedExample(tokens, mask, {"id": i, "prompt": f"p{i}"}))
+    return out
+
+
+def counting_examples(n: int, vocab: int, seed: int, lo: int, hi: int, prompt: int | None = None):
+    """n sequences of lo..hi-1 tokens counting up mod `vocab` (learnable: next = previous + 1),
+    the first `prompt` tokens untrained (None: 1 to 3, drawn per sequence)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(lo, hi))
+        tokens = (int(rng.integers(0, vocab)) + np.arange(length)) % vocab
+        mask = np.ones(length, bool)
+        mask[: int(rng.integers(1, 4)) if prompt is None else prompt] = False
+        out.append(TokenizedExample(tokens.astype(np.int32), mask))
+    return out
+
+
+def tiny_student(vocab: int, seed: int | None, **fields):
+    """(model, config): a scratch student (`models.build_model`) of SMALL's size but for
+    `fields` (ModelConfig fields), its weights drawn after mx.random.seed(seed) (None: unseeded)."""
+    from mlx_distill.models import build_model
+    from mlx_distill.recipe import ModelConfig
+
+    if seed is not None:
+        mx.random.seed(seed)
+    return build_model(ModelConfig(**{**SMALL, **fields}), vocab)
+
+
+def arithmetic_tokenizer(out: Path) -> Path:
+    """`out`, now a 120-id SentencePiece tokenizer folder trained on 300 arithmetic problems."""
+    from mlx_distill.tasks import arithmetic
+    from mlx_distill.text.tokenizer import train_sentencepiece
+
+    texts = [p["prompt"] + "\n" + p["completion"] for p in arithmetic.generate(300, 1)]
+    return train_sentencepiece(texts, out, vocab_size=120)
+
+
+def vocab_of(tokenizer_dir: Path) -> int:
+    """The number of ids of the tokenizer.json in `tokenizer_dir`."""
+    return len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    """Every parameter of `model` as a float32 NumPy array, by its dotted name."""
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+
+
+def train_run(tmp_path: Path, model, loader, cfg, loss_cfg, run: str, fingerprint="fp", **kw):
+    """trainer.train with `run` naming both its metrics file and its checkpoint folder under
+    `tmp_path`; `kw`: train's other arguments."""
+    from mlx_distill.train.trainer import train
+
+    return train(
+        model,
+        loader,
+        cfg,
+        loss_cfg,
+        run=run,
+        metrics_path=tmp_path / f"{run}.jsonl",
+        ckpt_dir=tmp_path / run,
+        fingerprint=fingerprint,
+        progress=False,
+        **kw,
+    )
+
+
+def true_spans(mask) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D mask."""
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 600, **kw):
+    """`python -m mlx_distill ARGS` from the repository root, output captured as text;
+    env: variables set on top of this process's; kw: subprocess.run's other arguments."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_distill", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+        **kw,
+    )

@@ -198,7 +198,8 @@ def generate_samples(
 
 
 def run_models(ctx: Context) -> dict[str, Path]:
-    """The models this run has, by role: teacher, student (KD), baseline."""
+    """The models this run has, by role: teacher, student (KD), baseline, student-q{bits} and
+    student-<tag> for each distill.compare run."""
     found = {}
     teacher_json = ctx.stage_dir("teacher") / "teacher.json"
     if teacher_json.exists():
@@ -209,6 +210,8 @@ def run_models(ctx: Context) -> dict[str, Path]:
     candidates = [("student", "student", "distill"), ("baseline", "baseline", "baseline")]
     if bits:
         candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
+    for tag, _ in ctx.recipe.distill.runs():  # distill.compare's students
+        candidates.append((f"student-{tag}", f"student-{tag}", "distill"))
     for role, folder, stage in candidates:
         if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
             found[role] = ctx.run_dir / folder

@@ -117,11 +117,15 @@ def check_group(recipe, stages: list[str], world: int) -> None:
         trained.append(("teacher.train", teacher.train))
     for key, cfg in trained:
         check_batch(cfg.batch_size, f"{key}.batch_size", world, cfg.grad_accum)
-    if "distill" in stages and recipe.distill.mode != "offline":
-        raise BadInput(
-            f"recipe key distill.mode: {recipe.distill.mode} runs in one process (each rank "
-            "would sample the whole batch); run it without a distributed group, or use offline"
-        )
+    modes = [("distill.mode", recipe.distill.mode)] + [
+        (f"distill.compare[{i}].mode", c.mode) for i, c in enumerate(recipe.distill.compare)
+    ]
+    for key, mode in modes:
+        if "distill" in stages and mode != "offline":
+            raise BadInput(
+                f"recipe key {key}: {mode} runs in one process (each rank would sample the "
+                "whole batch); run it without a distributed group, or use offline"
+            )
 
 
 def _free_ports(count: int) -> int:

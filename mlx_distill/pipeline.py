@@ -149,18 +149,39 @@ def _student_tokenizer_dir(ctx: Context) -> Path:
     return ctx.stage_dir("tokenizer")
 
 
+def _out_dir(ctx: Context, run: str) -> Path:
+    """The exported model of a training run: student, baseline, or student-<tag> for the
+    distill.compare run named distill-<tag>."""
+    if run == "baseline":
+        return ctx.run_dir / "baseline"
+    return ctx.run_dir / ("student" + run.removeprefix("distill"))
+
+
 def _adapters_dir(ctx: Context, run: str) -> Path:
     """Where a LoRA/DoRA run writes its mlx-lm adapter folder."""
-    return ctx.run_dir / ("student-adapters" if run == "distill" else "baseline-adapters")
+    return _out_dir(ctx, run).with_name(_out_dir(ctx, run).name + "-adapters")
 
 
-def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
+def _compare_recipe(recipe, entry):
+    """The recipe of one distill.compare run: its mode, steps and lmbda, all else the same."""
+    import dataclasses
+
+    lmbda = recipe.distill.lmbda if entry.lmbda is None else entry.lmbda
+    distill = dataclasses.replace(recipe.distill, mode=entry.mode, lmbda=lmbda, compare=[])
+    train = dataclasses.replace(recipe.train, steps=entry.steps or recipe.train.steps)
+    return dataclasses.replace(recipe, distill=distill, train=train)
+
+
+def _train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
+    """Train and export one student. recipe: a distill.compare run's (`_compare_recipe`), whose
+    `run` is distill-<tag>; else the context's."""
     from mlx_distill.cache import open_cache
     from mlx_distill.models import num_params, save_model
     from mlx_distill.train import distributed
     from mlx_distill.train.trainer import train
 
-    recipe = ctx.recipe
+    recipe = recipe or ctx.recipe
+    stage = "distill" if use_cache else "baseline"
     main = distributed.is_main()  # in a distributed group rank 0 alone writes the models
     tokenizer = _tokenizer(ctx)
     model, config = _student(ctx, tokenizer)
@@ -205,7 +226,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         run=run,
         metrics_path=ctx.run_dir / "metrics.jsonl",
         ckpt_dir=ctx.run_dir / "checkpoints" / run,
-        fingerprint=json.loads((ctx.stage_dir(run) / "stage.json").read_text())["fingerprint"],
+        fingerprint=_stage_fingerprint(ctx, stage),
         seed=recipe.seed,
         progress=ctx.progress,
         bar_position=ctx.bar_position,
@@ -213,7 +234,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
         extra_losses=extra_losses,
     )
     loader.close()
-    out = ctx.run_dir / ("student" if use_cache else "baseline")
+    out = _out_dir(ctx, run)
     stage_json = None
     if run == "baseline" and main:  # save_model replaces the folder that holds it
         stage_json = (ctx.stage_dir(run) / "stage.json").read_text()
@@ -229,7 +250,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool) -> dict:
     bits = recipe.export.quantize_bits
     if main:
         save_model(model, config, _student_tokenizer_dir(ctx), out)
-        if use_cache and bits:
+        if run == "distill" and bits:
             from mlx_distill.models import export_quantized
 
             export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
@@ -263,7 +284,65 @@ def _group_summary(result) -> dict:
 
 
 def stage_distill(ctx: Context) -> dict:
-    return _train_student(ctx, "distill", use_cache=True)
+    """The KD student, then each distill.compare run from the same initial weights and data
+    order (`_student` and the loaders are seeded by the recipe seed alone)."""
+    recipe = ctx.recipe
+    if not recipe.distill.compare:
+        return _train_student(ctx, "distill", use_cache=True)
+    summary = _finished(ctx, "distill")
+    if summary is None:
+        summary = _keep(ctx, "distill", _train_student(ctx, "distill", use_cache=True))
+    compare = []
+    for tag, entry in recipe.distill.runs():
+        run = f"distill-{tag}"
+        done = _finished(ctx, run)
+        if done is None:
+            sub = _compare_recipe(recipe, entry)
+            info = {"run": run, "mode": entry.mode, "steps": sub.train.steps}
+            if entry.mode == "mixed":
+                info["lmbda"] = sub.distill.lmbda
+            done = _keep(ctx, run, {**info, **_train_student(ctx, run, True, sub)})
+        compare.append(done)
+    return {**summary, "compare": compare}
+
+
+def _summary_path(ctx: Context, run: str) -> Path:
+    return ctx.run_dir / "checkpoints" / run / "summary.json"
+
+
+def _keep(ctx: Context, run: str, summary: dict) -> dict:
+    """Record a finished, exported run of a distill stage with compare runs: a stage resumed
+    after a kill skips it, and its measured wall time stays in the summary."""
+    from mlx_distill.train import distributed
+
+    if distributed.is_main():
+        path = _summary_path(ctx, run)
+        fp = _stage_fingerprint(ctx, "distill")
+        tmp = path.with_suffix(".json.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"fingerprint": fp, "summary": summary}, indent=2))
+        tmp.replace(path)
+    return summary
+
+
+def _finished(ctx: Context, run: str) -> dict | None:
+    """The summary `_keep` wrote for `run` under this stage fingerprint, or None."""
+    from mlx_distill.train import distributed
+
+    path = _summary_path(ctx, run)
+    exported = (_out_dir(ctx, run) / "config.json").exists()
+    text = path.read_text() if distributed.is_main() and path.exists() and exported else None
+    text = distributed.broadcast(text) if distributed.world() > 1 else text
+    if text is None:
+        return None
+    info = json.loads(text)
+    current = info.get("fingerprint") == _stage_fingerprint(ctx, "distill")
+    return info["summary"] if current else None
+
+
+def _stage_fingerprint(ctx: Context, stage: str) -> str:
+    """The fingerprint the stage runner recorded for the stage now running."""
+    return json.loads((ctx.stage_dir(stage) / "stage.json").read_text())["fingerprint"]
 
 
 def stage_baseline(ctx: Context) -> dict:

@@ -301,14 +301,15 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
     if "distill" in stages and student:
         kd = recipe.loss.kind != "ce" and recipe.teacher.kind == "local"
         out["distill"] = train_terms(student, k=recipe.cache.k, kd=kd, **options)
-        if recipe.distill.mode != "offline" and teacher_shape:
+        modes = {recipe.distill.mode, *(c.mode for c in recipe.distill.compare)}
+        if modes != {"offline"} and teacher_shape:  # the teacher is loaded beside the student
             out["distill"].update(
                 onpolicy_terms(teacher_shape, student, out["distill"], batch=t.batch_size, seq=seq)
             )
     if "baseline" in stages and student:
         out["baseline"] = train_terms(student, k=0, kd=False, **options)
     if "eval" in stages and student:
-        shapes = [student] * (1 + ("baseline" in recipe.stages)) + (
+        shapes = [student] * (1 + ("baseline" in recipe.stages) + len(recipe.distill.compare)) + (
             [teacher_shape] if teacher_shape else []
         )
         out["eval"] = eval_terms(

@@ -203,7 +203,10 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
                 f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
                 f"not match {who} in {folder} ({theirs}); set tokenizer.path: {folder}"
             )
-    if recipe.distill.mode != "offline" and "distill" in selected and teacher_dir and recipe_tok:
+    on_policy = recipe.distill.mode != "offline" or any(
+        c.mode != "offline" for c in recipe.distill.compare
+    )
+    if on_policy and "distill" in selected and teacher_dir and recipe_tok:
         from mlx_distill.train.onpolicy import check_templates
 
         # the teacher scores the student's text: both must read it in the same chat format

@@ -240,6 +240,16 @@ class LossConfig:
 
 
 @dataclass
+class CompareRun:
+    """One entry of distill.compare: an extra distill run from the main student's initial
+    weights and data order (same seed), exported to runs/NAME/student-<mode>."""
+
+    mode: DistillMode | None = None  # required
+    steps: int | None = None  # None: train.steps (give each mode about the same wall clock)
+    lmbda: float | None = None  # mode mixed only; None: distill.lmbda
+
+
+@dataclass
 class DistillConfig:
     """Where the distill stage's batches come from (GKD, Agarwal et al. 2023; Tinker OPD).
 
@@ -259,6 +269,17 @@ class DistillConfig:
     # sampled_token (Tinker: per-token log-ratio of the sampled token only).
     loss: OnPolicyLoss = "reverse_kl"
     k: int = 16  # teacher top-k per sampled position
+    # Extra runs after the main one, each {mode, steps, lmbda}; the report compares them.
+    compare: list[CompareRun] = field(default_factory=list)
+
+    def runs(self) -> list[tuple[str, CompareRun]]:
+        """(tag, entry) of each compare entry: its mode, indexed (mode-2, ...) when repeated."""
+        out, seen = [], {}
+        for entry in self.compare:
+            seen[entry.mode] = seen.get(entry.mode, 0) + 1
+            n = seen[entry.mode]
+            out.append((f"{entry.mode}-{n}" if n > 1 else str(entry.mode), entry))
+        return out
 
 
 @dataclass
@@ -379,11 +400,7 @@ class Recipe:
     def _validate_distill(self) -> None:
         d = self.distill
         if d.mode != "offline" and self.teacher.kind == "gemini":
-            raise BadInput(
-                f"recipe key distill.mode: {d.mode} needs a teacher that scores the student's "
-                "own tokens, and Gemini cannot score text it did not write; use teacher.kind: "
-                "local with an mlx-lm teacher (e.g. a 4-bit Qwen2.5), or distill.mode: offline"
-            )
+            raise BadInput(_gemini_refusal("distill.mode", d.mode))
         if not 0.0 <= d.lmbda <= 1.0:
             raise BadInput(f"recipe key distill.lmbda: must be in [0, 1], got {d.lmbda}")
         if d.samples_per_prompt < 1 or self.train.batch_size % d.samples_per_prompt:
@@ -395,6 +412,28 @@ class Recipe:
             raise BadInput("recipe keys distill.temperature >= 0 and distill.top_p in (0, 1]")
         if d.max_new_tokens < 1 or d.k < 1:
             raise BadInput("recipe keys distill.max_new_tokens and distill.k must be >= 1")
+        for i, entry in enumerate(d.compare):
+            self._validate_compare(f"distill.compare[{i}]", entry)
+
+    def _validate_compare(self, key: str, entry: CompareRun) -> None:
+        modes = ", ".join(choices(DistillMode))
+        if entry.mode not in choices(DistillMode):
+            got = "required, one" if entry.mode is None else f"{entry.mode!r} is not one"
+            raise BadInput(f"recipe key {key}.mode: {got} of {modes}")
+        if entry.steps is not None and entry.steps <= 0:
+            raise BadInput(f"recipe key {key}.steps: must be > 0, got {entry.steps}")
+        if entry.lmbda is not None:
+            if entry.mode != "mixed":
+                raise BadInput(f"recipe key {key}.lmbda: only for mode mixed, not {entry.mode}")
+            if not 0.0 <= entry.lmbda <= 1.0:
+                raise BadInput(f"recipe key {key}.lmbda: must be in [0, 1], got {entry.lmbda}")
+        if entry.mode != "offline" and self.teacher.kind == "gemini":
+            raise BadInput(_gemini_refusal(f"{key}.mode", entry.mode))
+        if entry.mode != "on_policy" and "cache" not in self.stages:
+            raise BadInput(
+                f"recipe key {key}.mode: {entry.mode} trains on the teacher cache, and stages "
+                "has no cache stage; add cache to stages, or use mode on_policy"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -408,6 +447,14 @@ class Recipe:
         return fingerprint({k: data[k] for k in keys})
 
 
+def _gemini_refusal(key: str, mode: str) -> str:
+    return (
+        f"recipe key {key}: {mode} needs a teacher that scores the student's own tokens, and "
+        "Gemini cannot score text it did not write; use teacher.kind: local with an mlx-lm "
+        f"teacher (e.g. a 4-bit Qwen2.5), or {key}: offline"
+    )
+
+
 def _check_choices(obj: Any, prefix: str = "") -> None:
     """Every Literal field holds one of its values (also for recipes built in Python)."""
     hints = typing.get_type_hints(type(obj))
@@ -415,6 +462,9 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
         value, tp, path = getattr(obj, f.name), hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_choices(value, path + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_choices(item, f"{path}[{i}].")
         elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
             allowed = ", ".join(typing.get_args(tp))
             raise BadInput(f"recipe key {path}: {value!r} is not one of {allowed}")

@@ -10,7 +10,9 @@ from mlx_distill.context import Context, read_stage
 from mlx_distill.evaluate import run_models
 
 
-def _plot(metrics_path: Path, png: Path) -> bool:
+def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None) -> bool:
+    """Loss curves of every run in metrics.jsonl; runs: if given, the distill-* runs to show
+    (lines of a distill.compare run since dropped from the recipe are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,6 +24,8 @@ def _plot(metrics_path: Path, png: Path) -> bool:
     valid: dict[str, tuple[list, list]] = {}
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
+        if runs is not None and rec["run"].startswith("distill-") and rec["run"] not in runs:
+            continue
         if "valid_loss" in rec:  # validation records: data.valid every train.eval_every steps
             steps, losses = valid.setdefault(rec["run"], ([], []))
             steps.append(rec["step"])
@@ -82,6 +86,9 @@ def write_report(ctx: Context) -> dict:
         info = read_stage(ctx, stage) or {}
         params[role] = (info.get("result") or {}).get("parameters")
     names = {"teacher": "teacher", "student": "KD student", "baseline": "baseline (hard labels)"}
+    tags = [tag for tag, _ in recipe.distill.runs()]
+    for tag in tags:
+        names[f"student-{tag}"] = f"{tag} student (distill.compare)"
     for role in models:
         if role.startswith("student-q"):
             names[role] = f"KD student, {role.removeprefix('student-q')}-bit export"
@@ -110,12 +117,13 @@ def write_report(ctx: Context) -> dict:
                 f"baseline {only_base} (two-sided sign test p = "
                 f"{sign_test(only_kd, only_base):.2g}).",
             ]
+    lines += _compare_section(ctx, models)
     teacher_data = ((read_stage(ctx, "cache") or {}).get("result") or {}).get("report")
     if teacher_data:  # what an API teacher's cache was made from (prompts used, coverage)
         lines += ["", teacher_data]
     lines += _samples_section(models, names, recipe.eval.max_new_tokens)
     png = run_dir / "loss_curves.png"
-    if _plot(run_dir / "metrics.jsonl", png):
+    if _plot(run_dir / "metrics.jsonl", png, {f"distill-{tag}" for tag in tags}):
         lines += ["", "![loss curves](loss_curves.png)"]
     chat_target = "student" if "student" in models else next(iter(run_models(ctx)), None)
     if chat_target is not None:
@@ -133,6 +141,49 @@ def write_report(ctx: Context) -> dict:
         ]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return {"report": str(run_dir / "report.md")}
+
+
+def _compare_section(ctx: Context, models: dict) -> list[str]:
+    """The distill modes side by side when distill.compare ran: steps, the training's wall time
+    and its on-policy part (the source's generation and teacher scoring), exact match."""
+    recipe = ctx.recipe
+    distill = (read_stage(ctx, "distill") or {}).get("result") or {}
+    if not distill.get("compare"):
+        return []
+    baseline = (read_stage(ctx, "baseline") or {}).get("result") or {}
+
+    def mode_name(mode: str, lmbda: float | None) -> str:
+        return f"{mode} (lmbda {lmbda})" if mode == "mixed" else mode
+
+    rows = []
+    if "baseline" in models:
+        rows.append(("baseline (hard labels)", recipe.train.steps, baseline, "baseline"))
+    main = mode_name(recipe.distill.mode, recipe.distill.lmbda)
+    rows.append((f"{main}: the KD student", recipe.train.steps, distill, "student"))
+    for run in distill["compare"]:
+        tag = run["run"].removeprefix("distill-")
+        name = mode_name(run["mode"], run.get("lmbda"))
+        rows.append((f"{name}: student-{tag}", run["steps"], run, f"student-{tag}"))
+    lines = [
+        "",
+        "## Distill modes compared",
+        "",
+        f"Same initial weights and data order (seed {recipe.seed}); training wall time of each "
+        "run, and its on-policy part.",
+        "",
+        "| mode | steps | training wall time | of which generation / teacher scoring "
+        "| exact match |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, steps, info, role in rows:
+        wall = f"{info['seconds']:,.1f} s" if "seconds" in info else "-"
+        split = "-"
+        if "generation_s" in info:
+            split = f"{info['generation_s']:,.1f} s / {info['scoring_s']:,.1f} s"
+        row = models.get(role, {})
+        em = f"{row['exact_match']:.1%}" if "exact_match" in row else "n/a"
+        lines.append(f"| {name} | {steps:,} | {wall} | {split} | {em} |")
+    return lines
 
 
 def _samples_section(models: dict, names: dict, max_new_tokens: int) -> list[str]:

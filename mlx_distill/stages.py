@@ -23,7 +23,7 @@ from pathlib import Path
 from mlx_distill import __version__
 from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput, StageIncomplete
-from mlx_distill.recipe import STAGES, Recipe, fingerprint
+from mlx_distill.recipe import STAGES, DistillMode, Recipe, choices, fingerprint
 
 SECTIONS = {
     "tokenizer": ("data", "tokenizer"),
@@ -46,7 +46,12 @@ UPSTREAM = {
 # Folders a stage writes besides its own; cleared when it starts over.
 OUTPUTS = {
     "teacher": ("checkpoints/teacher",),
-    "distill": ("student", "student-q4", "student-q8", "student-adapters", "checkpoints/distill"),
+    "distill": (
+        *("student", "student-q4", "student-q8", "student-adapters", "checkpoints/distill"),
+        # distill.compare's runs (glob patterns): student-<mode>[-n][-adapters]
+        *(f"student-{mode}*" for mode in choices(DistillMode)),
+        "checkpoints/distill-*",
+    ),
     "baseline": ("checkpoints/baseline", "baseline-adapters"),
 }
 # Entries of a stage folder that starting over never deletes: an API teacher's paid-for answers
@@ -86,6 +91,8 @@ def stage_inputs(
     inputs: dict[str, dict] = {}
     resolved = recipe.to_dict()
     resolved["teacher"] = teacher_section
+    if not resolved["distill"]["compare"]:  # absent, as before the key existed
+        del resolved["distill"]["compare"]
     for name in STAGES:
         payload = {
             "stage": name,
@@ -159,7 +166,8 @@ def _clear(ctx: Context, name: str) -> None:
     else:
         shutil.rmtree(ctx.stage_dir(name), ignore_errors=True)
     for extra in OUTPUTS.get(name, ()):
-        shutil.rmtree(ctx.run_dir / extra, ignore_errors=True)
+        for path in ctx.run_dir.glob(extra):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # What each stage makes, for "... since <it> was <made>" in a refusal.

@@ -8,18 +8,16 @@ for 2) is built once for the module.
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from test_runs import main, one_line
+from tiny import ROOT, cli
 
 from mlx_distill.recipe import load_recipe
 from mlx_distill.stages import stage_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPARE = "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5}]"
 TINY = [
     "data.max_train=16",
@@ -43,13 +41,7 @@ def _sets(runs: Path, *extra: str) -> list[str]:
 def compared(tmp_path_factory):
     runs = tmp_path_factory.mktemp("compare")
     args = ["run", "recipes/quickstart.yaml", *_sets(runs, f"distill.compare={COMPARE}")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args, "--json", "--no-progress"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli(*args, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "quickstart", json.loads(proc.stdout), args
 
@@ -173,14 +165,7 @@ def test_a_resumed_stage_skips_finished_runs_and_redoes_the_rest(compared, tmp_p
     shutil.rmtree(copy / "checkpoints" / "distill-mixed")
     shutil.rmtree(copy / "student-mixed")
     args = [a.replace(str(run_dir.parent), str(tmp_path / "runs")) for a in args]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_distill", *args, "--stage", "distill", "--json"]
-        + ["--no-progress"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli(*args, "--stage", "distill", "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((copy / "distill" / "stage.json").read_text())["result"]
     old = before["result"]

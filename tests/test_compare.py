@@ -40,7 +40,15 @@ def _sets(runs: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     runs = tmp_path_factory.mktemp("compare")
-    args = ["run", "recipes/quickstart.yaml", *_sets(runs, f"distill.compare={COMPARE}")]
+    # --jobs 1: no baseline beside the distill stage, so it keeps every BLAS thread, as the
+    # resumed stage below does (a side process would halve them and change the float sums).
+    args = [
+        "run",
+        "recipes/quickstart.yaml",
+        *_sets(runs, f"distill.compare={COMPARE}"),
+        "--jobs",
+        "1",
+    ]
     proc = cli(*args, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "quickstart", json.loads(proc.stdout), args

@@ -163,11 +163,11 @@ def _adapters_dir(ctx: Context, run: str) -> Path:
 
 
 def _compare_recipe(recipe, entry):
-    """The recipe of one distill.compare run: its mode, steps and lmbda, all else the same."""
+    """The recipe of one distill.compare run: its mode, steps, lmbda and offline_steps, all else
+    the same."""
     import dataclasses
 
-    lmbda = recipe.distill.lmbda if entry.lmbda is None else entry.lmbda
-    distill = dataclasses.replace(recipe.distill, mode=entry.mode, lmbda=lmbda, compare=[])
+    distill = recipe.distill.for_entry(entry)
     train = dataclasses.replace(recipe.train, steps=entry.steps or recipe.train.steps)
     return dataclasses.replace(recipe, distill=distill, train=train)
 
@@ -192,7 +192,7 @@ def _train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict
         )
     mode = recipe.distill.mode if use_cache else "offline"
     cut: dict = {}
-    if mode == "on_policy":
+    if not recipe.distill.reads_cache() and use_cache:
         source = None  # every batch is sampled from the student: no cache
     elif use_cache:
         from mlx_distill.teachers import teacher_kind
@@ -301,6 +301,8 @@ def stage_distill(ctx: Context) -> dict:
             info = {"run": run, "mode": entry.mode, "steps": sub.train.steps}
             if entry.mode == "mixed":
                 info["lmbda"] = sub.distill.lmbda
+            if sub.distill.offline_steps:
+                info["offline_steps"] = sub.distill.offline_steps
             done = _keep(ctx, run, {**info, **_train_student(ctx, run, True, sub)})
         compare.append(done)
     return {**summary, "compare": compare}

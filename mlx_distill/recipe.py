@@ -239,6 +239,7 @@ class CompareRun:
     mode: DistillMode | None = None  # required
     steps: int | None = None  # None: train.steps (give each mode about the same wall clock)
     lmbda: float | None = None  # mode mixed only; None: distill.lmbda
+    offline_steps: int | None = None  # on_policy/mixed only; None: distill.offline_steps
 
 
 @dataclass
@@ -247,11 +248,14 @@ class DistillConfig:
 
     offline: the teacher cache. on_policy: the current student samples completions of training
     prompts and the local teacher scores every sampled token. mixed: each batch is on-policy with
-    probability `lmbda` (GKD's lambda), else from the cache.
+    probability `lmbda` (GKD's lambda), else from the cache. offline_steps: in on_policy and
+    mixed mode, the first this many batches come from the cache (an off-policy warm start, so the
+    student samples answers worth grading), the rest as `mode` says.
     """
 
     mode: DistillMode = "offline"
     lmbda: float = 0.5  # mixed: probability that a batch is on-policy
+    offline_steps: int = 0  # on_policy, mixed: cache batches first, then `mode`
     samples_per_prompt: int = 1  # completions per prompt; train.batch_size must divide by it
     temperature: float = 1.0  # student sampling temperature (0: greedy)
     top_p: float = 1.0
@@ -263,6 +267,20 @@ class DistillConfig:
     k: int = 16  # teacher top-k per sampled position
     # Extra runs after the main one, each {mode, steps, lmbda}; the report compares them.
     compare: list[CompareRun] = field(default_factory=list)
+
+    def reads_cache(self) -> bool:
+        """Whether this section's batches come from the teacher cache, all or some."""
+        return self.mode != "on_policy" or self.offline_steps > 0
+
+    def for_entry(self, entry: CompareRun) -> DistillConfig:
+        """This section as a distill.compare entry runs it: its mode, lmbda and offline_steps."""
+        lmbda = self.lmbda if entry.lmbda is None else entry.lmbda
+        warm = self.offline_steps if entry.offline_steps is None else entry.offline_steps
+        if entry.mode == "offline":
+            warm = 0
+        return dataclasses.replace(
+            self, mode=entry.mode, lmbda=lmbda, offline_steps=warm, compare=[]
+        )
 
     def runs(self) -> list[tuple[str, CompareRun]]:
         """(tag, entry) of each compare entry: its mode, indexed (mode-2, ...) when repeated."""
@@ -363,7 +381,7 @@ class Recipe:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
         self._validate_distill()
         distills_local_topk = (
-            self.distill.mode != "on_policy"
+            self.distill.reads_cache()
             and self.teacher.kind == "local"
             and self.cache.targets == "topk"
             and "distill" in self.stages
@@ -404,6 +422,14 @@ class Recipe:
             raise BadInput("recipe keys distill.temperature >= 0 and distill.top_p in (0, 1]")
         if d.max_new_tokens < 1 or d.k < 1:
             raise BadInput("recipe keys distill.max_new_tokens and distill.k must be >= 1")
+        self._validate_offline_steps("distill", d.mode, d.offline_steps, self.train.steps)
+        if "distill" in self.stages and d.reads_cache() and "cache" not in self.stages:
+            key = "distill.offline_steps" if d.mode == "on_policy" else "distill.mode"
+            raise BadInput(
+                f"recipe key {key}: the distill stage trains on the teacher cache ({d.mode}"
+                f"{f', offline_steps {d.offline_steps}' if d.offline_steps else ''}), and stages "
+                "has no cache stage; add cache to stages, or use mode on_policy"
+            )
         for i, entry in enumerate(d.compare):
             self._validate_compare(f"distill.compare[{i}]", entry)
 
@@ -421,10 +447,28 @@ class Recipe:
                 raise BadInput(f"recipe key {key}.lmbda: must be in [0, 1], got {entry.lmbda}")
         if entry.mode != "offline" and self.teacher.kind == "gemini":
             raise BadInput(_gemini_refusal(f"{key}.mode", entry.mode))
-        if entry.mode != "on_policy" and "cache" not in self.stages:
+        cfg = self.distill.for_entry(entry)
+        warm = cfg.offline_steps if entry.offline_steps is None else entry.offline_steps
+        self._validate_offline_steps(key, entry.mode, warm, entry.steps or self.train.steps)
+        if cfg.reads_cache() and "cache" not in self.stages:
             raise BadInput(
                 f"recipe key {key}.mode: {entry.mode} trains on the teacher cache, and stages "
                 "has no cache stage; add cache to stages, or use mode on_policy"
+            )
+
+    @staticmethod
+    def _validate_offline_steps(key: str, mode: str, offline_steps: int, steps: int) -> None:
+        if offline_steps == 0:
+            return
+        if mode == "offline":
+            raise BadInput(
+                f"recipe key {key}.offline_steps: only for mode on_policy or mixed (an offline "
+                "run reads the cache at every step)"
+            )
+        if not 0 < offline_steps < steps:
+            raise BadInput(
+                f"recipe key {key}.offline_steps: must be in [0, {steps}) (the run's steps), "
+                f"got {offline_steps}"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -152,17 +152,18 @@ def _compare_section(ctx: Context, models: dict) -> list[str]:
         return []
     baseline = (read_stage(ctx, "baseline") or {}).get("result") or {}
 
-    def mode_name(mode: str, lmbda: float | None) -> str:
-        return f"{mode} (lmbda {lmbda})" if mode == "mixed" else mode
+    def mode_name(mode: str, lmbda: float | None, warm: int | None = None) -> str:
+        name = f"{mode} (lmbda {lmbda})" if mode == "mixed" else mode
+        return f"{name} after {warm:,} offline step{'s' if warm > 1 else ''}" if warm else name
 
     rows = []
     if "baseline" in models:
         rows.append(("baseline (hard labels)", recipe.train.steps, baseline, "baseline"))
-    main = mode_name(recipe.distill.mode, recipe.distill.lmbda)
+    main = mode_name(recipe.distill.mode, recipe.distill.lmbda, recipe.distill.offline_steps)
     rows.append((f"{main}: the KD student", recipe.train.steps, distill, "student"))
     for run in distill["compare"]:
         tag = run["run"].removeprefix("distill-")
-        name = mode_name(run["mode"], run.get("lmbda"))
+        name = mode_name(run["mode"], run.get("lmbda"), run.get("offline_steps"))
         rows.append((f"{name}: student-{tag}", run["steps"], run, f"student-{tag}"))
     lines = [
         "",

@@ -91,8 +91,14 @@ def stage_inputs(
     inputs: dict[str, dict] = {}
     resolved = recipe.to_dict()
     resolved["teacher"] = teacher_section
-    if not resolved["distill"]["compare"]:  # absent, as before the key existed
+    # Keys added since: left out at their defaults, so existing runs keep their fingerprints.
+    if not resolved["distill"]["compare"]:
         del resolved["distill"]["compare"]
+    if not resolved["distill"]["offline_steps"]:
+        del resolved["distill"]["offline_steps"]
+    for entry in resolved["distill"].get("compare", []):
+        if entry["offline_steps"] is None:
+            del entry["offline_steps"]
     for name in STAGES:
         payload = {
             "stage": name,

@@ -2,7 +2,7 @@
 exported, logged, evaluated and compared in the report; bad entries are one line with exit 2.
 
 One tiny quickstart run (KD offline for 4 steps; compare offline for 4, on_policy for 3, mixed
-for 2) is built once for the module.
+for 2, on_policy for 3 after 2 offline) is built once for the module.
 """
 
 import json
@@ -18,7 +18,10 @@ from tiny import ROOT, cli
 from mlx_distill.recipe import load_recipe
 from mlx_distill.stages import stage_inputs
 
-COMPARE = "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5}]"
+COMPARE = (
+    "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5},"
+    " {mode: on_policy, steps: 3, offline_steps: 2}]"
+)
 TINY = [
     "data.max_train=16",
     "cache.shard_rows=8",
@@ -63,7 +66,7 @@ def test_compare_students_are_exported_and_start_from_the_main_ones_weights(comp
 
     run_dir, summary, _ = compared
     assert all(v == "ran" for v in summary["stages"].values())
-    for tag in ("offline", "on_policy", "mixed"):
+    for tag in ("offline", "on_policy", "mixed", "on_policy-2"):
         model, tokenizer = load(str(run_dir / f"student-{tag}"))
         logits = model(mx.array([tokenizer.encode("12+7=")]))
         assert logits.shape[-1] >= len(tokenizer.get_vocab())
@@ -82,7 +85,7 @@ def test_metrics_and_summary_carry_each_run(compared):
     for r in records:
         steps.setdefault(r["run"], []).append(r["step"])
     expect = {"distill": 4, "baseline": 4, "distill-offline": 4}
-    expect |= {"distill-on_policy": 3, "distill-mixed": 2}
+    expect |= {"distill-on_policy": 3, "distill-mixed": 2, "distill-on_policy-2": 3}
     assert {run: s for run, s in steps.items()} == {
         run: list(range(1, n + 1)) for run, n in expect.items()
     }
@@ -90,11 +93,20 @@ def test_metrics_and_summary_carry_each_run(compared):
     assert on_policy[-1]["on_policy_batches"] == 3 and on_policy[-1]["gen_s"] > 0
     result = json.loads((run_dir / "distill" / "stage.json").read_text())["result"]
     runs = {c["run"]: c for c in result["compare"]}
-    assert list(runs) == ["distill-offline", "distill-on_policy", "distill-mixed"]
-    assert [c["steps"] for c in runs.values()] == [4, 3, 2]
+    assert list(runs) == [
+        "distill-offline",
+        "distill-on_policy",
+        "distill-mixed",
+        "distill-on_policy-2",
+    ]
+    assert [c["steps"] for c in runs.values()] == [4, 3, 2, 3]
     assert runs["distill-mixed"]["lmbda"] == 0.5 and "lmbda" not in runs["distill-on_policy"]
     assert "generation_s" not in runs["distill-offline"] and "generation_s" not in result
     assert runs["distill-on_policy"]["on_policy_batches"] == 3
+    # the warm-started run: two cache batches, then one sampled from the student
+    assert runs["distill-on_policy-2"]["offline_steps"] == 2
+    assert runs["distill-on_policy-2"]["on_policy_batches"] == 1
+    assert "offline_steps" not in runs["distill-on_policy"]
     assert 0 <= runs["distill-mixed"]["on_policy_batches"] <= 2
     for c in runs.values():
         assert c["path"] == str(run_dir / ("student-" + c["run"].removeprefix("distill-")))
@@ -123,6 +135,8 @@ def test_report_compares_the_modes_with_the_measured_values(compared):
     for c in distill["compare"]:
         tag = c["run"].removeprefix("distill-")
         name = {"mixed": "mixed (lmbda 0.5)"}.get(c["mode"], c["mode"])
+        if c.get("offline_steps"):
+            name += f" after {c['offline_steps']} offline steps"
         split = "-"
         if c["mode"] != "offline":
             split = f"{c['generation_s']:,.1f} s / {c['scoring_s']:,.1f} s"
@@ -143,6 +157,7 @@ def test_report_reads_each_runs_exact_match(compared, tmp_path):
     shutil.copytree(run_dir, copy)
     results = json.loads((copy / "eval" / "results.json").read_text())
     roles = ["baseline", "student", "student-offline", "student-on_policy", "student-mixed"]
+    roles.append("student-on_policy-2")
     for i, role in enumerate(roles):
         results["models"][role]["exact_match"] = (i + 1) / 8
     (copy / "eval" / "results.json").write_text(json.dumps(results))
@@ -155,6 +170,7 @@ def test_report_reads_each_runs_exact_match(compared, tmp_path):
         "37.5%",
         "50.0%",
         "62.5%",
+        "75.0%",
     ]
 
 
@@ -165,7 +181,7 @@ def test_a_resumed_stage_skips_finished_runs_and_redoes_the_rest(compared, tmp_p
     before = json.loads((copy / "distill" / "stage.json").read_text())
     kept = {
         run: (copy / "checkpoints" / run / "summary.json").stat().st_mtime_ns
-        for run in ("distill", "distill-offline", "distill-on_policy")
+        for run in ("distill", "distill-offline", "distill-on_policy", "distill-on_policy-2")
     }
     mixed = _weights(copy / "student-mixed")
     # as if killed while the mixed run trained: the stage unfinished, that run's files gone
@@ -179,6 +195,7 @@ def test_a_resumed_stage_skips_finished_runs_and_redoes_the_rest(compared, tmp_p
     old = before["result"]
     assert after["seconds"] == old["seconds"]  # the KD student was not trained again
     assert after["compare"][:2] == old["compare"][:2]
+    assert after["compare"][3] == old["compare"][3]
     for run, mtime in kept.items():  # finished runs were skipped, not trained again
         assert (copy / "checkpoints" / run / "summary.json").stat().st_mtime_ns == mtime
     assert after["compare"][2]["path"] == str(copy / "student-mixed")
@@ -190,6 +207,12 @@ def test_empty_compare_leaves_the_fingerprints_as_before():
     plain = load_recipe(ROOT / "recipes/quickstart.yaml")
     prints, inputs = stage_inputs(plain)
     assert "compare" not in inputs["distill"]["sections"]["distill"]
+    assert "offline_steps" not in inputs["distill"]["sections"]["distill"]  # nor this, at 0
+    warm = load_recipe(ROOT / "recipes/quickstart.yaml", ["distill.mode=mixed"])
+    warmed = load_recipe(
+        ROOT / "recipes/quickstart.yaml", ["distill.mode=mixed", "distill.offline_steps=5"]
+    )
+    assert stage_inputs(warm)[0]["distill"] != stage_inputs(warmed)[0]["distill"]
     assert plain.to_dict()["distill"]["compare"] == []
     with_runs = load_recipe(ROOT / "recipes/quickstart.yaml", [f"distill.compare={COMPARE}"])
     changed = stage_inputs(with_runs)[0]
@@ -212,6 +235,33 @@ def test_empty_compare_leaves_the_fingerprints_as_before():
         (["distill.compare=[{mode: mixed, lmbda: 2}]"], "lmbda: must be in [0, 1], got 2.0"),
         (["distill.compare=[{mode: mixed, lamda: 1}]"], "unknown recipe key distill.compare"),
         (["distill.compare=on_policy"], "distill.compare[0]: expected a mapping"),
+        (
+            ["distill.compare=[{mode: offline, offline_steps: 2}]"],
+            "distill.compare[0].offline_steps: only for mode on_policy or mixed",
+        ),
+        (
+            ["distill.compare=[{mode: mixed, steps: 3, offline_steps: 3}]"],
+            "distill.compare[0].offline_steps: must be in [0, 3) (the run's steps), got 3",
+        ),
+        (
+            [
+                "distill.mode=on_policy",
+                "distill.offline_steps=2",
+                "distill.compare=[{mode: on_policy, steps: 2}]",
+            ],
+            "distill.compare[0].offline_steps: must be in [0, 2)",
+        ),
+        (["distill.offline_steps=2"], "recipe key distill.offline_steps: only for mode on_policy"),
+        (["distill.mode=mixed", "distill.offline_steps=-1"], "offline_steps: must be in [0, 4)"),
+        (
+            [
+                "distill.mode=on_policy",
+                "distill.offline_steps=2",
+                "stages=tokenizer,teacher,distill,baseline,eval,report",
+            ],
+            "distill.offline_steps: the distill stage trains on the teacher cache (on_policy, "
+            "offline_steps 2), and stages has no cache stage",
+        ),
         (
             [
                 "distill.mode=on_policy",

@@ -247,6 +247,28 @@ def test_mixed_with_lambda_zero_is_bit_identical_to_offline(tmp_path, cached):
     assert losses[0] == losses[1]
 
 
+def test_offline_steps_train_the_first_batches_from_the_cache(tmp_path, cached):
+    teacher, path = cached
+    offline = tiny_model(V, seed=13, scale=1.0)[0]
+    _train(tmp_path, offline, _cache_loader(path), "offline", extra=False)
+    warm = tiny_model(V, seed=13, scale=1.0)[0]
+    cfg = DistillConfig(mode="on_policy", offline_steps=2, max_new_tokens=8)
+    source = _source(warm, teacher, cfg, cache=_cache_loader(path))
+    _train(tmp_path, warm, source, "warm")
+    assert source.counts["on_policy"] == 2  # batches 3 and 4: sampled and scored
+    records = {
+        r: [json.loads(x) for x in (tmp_path / f"{r}.jsonl").read_text().splitlines()]
+        for r in ("offline", "warm")
+    }
+    # the same two cache batches at the same learning rates, then the student's own samples
+    assert [x["loss"] for x in records["warm"][:2]] == [x["loss"] for x in records["offline"][:2]]
+    assert records["warm"][2]["loss"] != records["offline"][2]["loss"]
+    assert records["warm"][1]["on_policy_batches"] == 0
+    assert records["warm"][3]["on_policy_batches"] == 2
+    with pytest.raises(BadInput, match="needs the teacher cache"):
+        _source(warm, teacher, cfg)
+
+
 class _Killed(OnPolicySource):
     """Stops the process (as a kill would) when batch `at` is requested."""
 
@@ -258,13 +280,15 @@ class _Killed(OnPolicySource):
         return super().__next__()
 
 
-@pytest.mark.parametrize("mode", ["on_policy", "mixed"])
-def test_killed_onpolicy_run_resumes_to_the_same_trajectory(tmp_path, cached, mode):
+@pytest.mark.parametrize("mode, offline_steps", [("on_policy", 0), ("mixed", 0), ("on_policy", 3)])
+def test_killed_onpolicy_run_resumes_to_the_same_trajectory(tmp_path, cached, mode, offline_steps):
     teacher, path = cached
-    cfg = DistillConfig(mode=mode, lmbda=0.5, samples_per_prompt=2, max_new_tokens=8)
+    cfg = DistillConfig(
+        mode=mode, lmbda=0.5, samples_per_prompt=2, max_new_tokens=8, offline_steps=offline_steps
+    )
 
     def source(cls, model):
-        cache = _cache_loader(path) if mode == "mixed" else None
+        cache = _cache_loader(path) if cfg.reads_cache() else None
         return cls(
             model, teacher, _prompts(10, seed=2), cfg, batch_size=4, seq_len=24,
             temperature=1.0, eos_ids=[EOS], vocab_size=V, seed=3, cache=cache,
@@ -275,6 +299,8 @@ def test_killed_onpolicy_run_resumes_to_the_same_trajectory(tmp_path, cached, mo
     _train(tmp_path, whole, whole_src, "whole", steps=6, ckpt_every=2)
     if mode == "mixed":
         assert 0 < whole_src.counts["on_policy"] < 6  # both kinds of batch were trained
+    if offline_steps:  # killed in the warm start, resumed across its end
+        assert whole_src.counts["on_policy"] == 6 - offline_steps
     killed = tiny_model(V, seed=14, scale=1.0)[0]
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path, killed, source(_Killed, killed), "b", steps=6, ckpt_every=2)

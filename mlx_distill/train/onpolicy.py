@@ -5,7 +5,9 @@ on-policy batch takes the next P = batch_size / samples_per_prompt training prom
 completions from the current student (`sampler.sample_completions`), scores the student's
 sequences with the teacher in one forward pass, and hands the trainer a batch tagged
 "on_policy" that it trains with the on-policy loss (`onpolicy_loss`). In `mixed` mode each batch
-is on-policy with probability lmbda, else the cache loader's next batch (GKD).
+is on-policy with probability lmbda, else the cache loader's next batch (GKD). With
+`distill.offline_steps` the first batches of either mode come from the cache: the student learns
+off-policy first, so that its samples are close enough to the teacher's to be worth grading.
 
 Randomness is indexed by the batch number: (seed, batch index) fixes the mixed-mode coin and the
 sampling key. The sampler's RNG state in a checkpoint is therefore the batch count, the prompt
@@ -216,8 +218,8 @@ class OnPolicySource:
     ) -> None:
         if cfg.mode not in ("on_policy", "mixed"):
             raise BadInput(f"OnPolicySource: mode {cfg.mode!r} is not on_policy or mixed")
-        if cfg.mode == "mixed" and cache is None:
-            raise BadInput("distill.mode mixed needs the teacher cache")
+        if cfg.reads_cache() and cache is None:
+            raise BadInput(f"distill.mode {cfg.mode} with these settings needs the teacher cache")
         if not prompts:
             raise BadInput("on-policy distillation: no training prompts")
         if batch_size % cfg.samples_per_prompt:
@@ -245,6 +247,8 @@ class OnPolicySource:
     def __next__(self):
         index = self._batches
         self._batches += 1
+        if index < self.cfg.offline_steps:  # the off-policy warm start
+            return next(self.cache)
         if self.cfg.mode == "mixed":
             coin = np.random.default_rng([self.seed, _COIN, index]).random()
             if coin >= self.cfg.lmbda:
@@ -332,6 +336,7 @@ class OnPolicySource:
             "kind": "on_policy",
             "mode": self.cfg.mode,
             "lmbda": self.cfg.lmbda,
+            "offline_steps": self.cfg.offline_steps,
             "seed": self.seed,
             "prompts": len(self.prompts),
             "batch_size": self.batch_size,
@@ -343,7 +348,9 @@ class OnPolicySource:
 
     def load_state_dict(self, state: dict) -> None:
         expect = self.state_dict()
-        for key in ("kind", "mode", "lmbda", "seed", "prompts", "batch_size", "samples_per_prompt"):
+        state = {"offline_steps": 0, **state}  # checkpoints from before the key
+        keys = ("kind", "mode", "lmbda", "offline_steps", "seed", "prompts", "batch_size")
+        for key in (*keys, "samples_per_prompt"):
             if state.get(key) != expect[key]:
                 raise BadInput(
                     f"on-policy state does not match this run: {key} is {state.get(key)!r} in "

@@ -265,7 +265,8 @@ class DistillConfig:
     # sampled_token (Tinker: per-token log-ratio of the sampled token only).
     loss: OnPolicyLoss = "reverse_kl"
     k: int = 16  # teacher top-k per sampled position
-    # Extra runs after the main one, each {mode, steps, lmbda}; the report compares them.
+    # Extra runs after the main one, each {mode, steps, lmbda, offline_steps}; the report
+    # compares them.
     compare: list[CompareRun] = field(default_factory=list)
 
     def reads_cache(self) -> bool:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mlx_distill.errors import BadInput
+from mlx_distill.files import write_json_atomic
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -190,14 +191,6 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, s
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Memory-map a shard: name -> read-only array view, and its metadata. BadInput if bad."""
     try:
@@ -252,16 +245,4 @@ def read_manifest(path: Path) -> dict:
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Replace `path/manifest.json` atomically."""
-    file = Path(path) / MANIFEST
-    tmp = file.with_name(MANIFEST + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    # fsync the directory so the rename itself survives a crash
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_json_atomic(Path(path) / MANIFEST, manifest, indent=1, sort_keys=True)

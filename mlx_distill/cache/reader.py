@@ -15,6 +15,7 @@ import numpy as np
 
 from mlx_distill.cache import format as fmt
 from mlx_distill.errors import BadInput
+from mlx_distill.files import file_sha256
 from mlx_distill.recipe import fingerprint as fingerprint_hash
 from mlx_distill.text.examples import TokenizedExample
 
@@ -113,7 +114,7 @@ def open_shard(root: Path, shard: dict, *, check_sum: bool = True) -> dict[str, 
     repair = f"rebuild only the damaged shards: mlx-distill cache repair {root}"
     if not file.is_file():
         raise BadInput(f"cache {root}: shard {shard['file']} is missing; {repair}")
-    if check_sum and fmt.file_sha256(file) != shard["sha256"]:
+    if check_sum and file_sha256(file) != shard["sha256"]:
         raise BadInput(
             f"cache {root}: shard {shard['file']} is corrupted (checksum mismatch); {repair}"
         )

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_distill.errors import BadInput
+from mlx_distill.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 KIND = "records"
@@ -89,19 +90,6 @@ def _shard_name(index: int) -> str:
 def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("records-*.jsonl"))
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _usage_add(total: dict[str, int], usage: dict[str, Any] | None) -> None:
@@ -249,7 +237,7 @@ class RecordStore:
             "cost_usd": round(self.cost_usd, 9),
             "meta": self.meta,
         }
-        write_json_atomic(self.path / MANIFEST, manifest)
+        write_json_atomic(self.path / MANIFEST, manifest, indent=1, sort_keys=True)
         self._last_manifest = time.monotonic()
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from mlx_distill.cache import format as fmt
 from mlx_distill.cache.sparse import RowTargets
 from mlx_distill.errors import BadInput
+from mlx_distill.files import file_sha256, write_json_atomic
 from mlx_distill.recipe import fingerprint as fingerprint_hash
 from mlx_distill.text.examples import TokenizedExample
 
@@ -136,13 +137,7 @@ def _rank_file(rank: int) -> str:
 
 def _write_rank(out_dir: Path, manifest: dict, rank: int) -> None:
     """Replace this rank's partial manifest atomically (temp, fsync, rename)."""
-    file = out_dir / _rank_file(rank)
-    tmp = file.with_name(file.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    write_json_atomic(out_dir / _rank_file(rank), manifest, indent=1, sort_keys=True)
 
 
 def _finished_shards(out_dir: Path, manifest: dict) -> list[dict]:
@@ -162,7 +157,7 @@ def _finished_shards(out_dir: Path, manifest: dict) -> list[dict]:
     return [
         s
         for _, s in sorted(found.items())
-        if (out_dir / s["file"]).is_file() and fmt.file_sha256(out_dir / s["file"]) == s["sha256"]
+        if (out_dir / s["file"]).is_file() and file_sha256(out_dir / s["file"]) == s["sha256"]
     ]
 
 
@@ -324,7 +319,7 @@ def _resume(out_dir: Path, fresh: dict) -> dict:
     kept = []
     for shard in old["shards"]:
         file = out_dir / shard["file"]
-        if file.is_file() and fmt.file_sha256(file) == shard["sha256"]:
+        if file.is_file() and file_sha256(file) == shard["sha256"]:
             kept.append(shard)
     fresh["shards"] = kept
     return fresh

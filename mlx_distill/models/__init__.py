@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_distill.errors import BadInput
+from mlx_distill.files import atomic_dir
 from mlx_distill.models.heads import ARCHS as VERIFIED_ARCHS
 from mlx_distill.models.heads import (
     Head,
@@ -233,19 +234,15 @@ def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: 
     `<|endoftext|>`, not `<|im_end|>`), so `mlx_lm.generate` stops where a trained turn ends.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        source = Path(tokenizer_dir) / name
-        if source.exists():
-            shutil.copy2(source, tmp / name)
-    _write_stop_ids(tmp, config, Path(tokenizer_dir) / "generation_config.json")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            source = Path(tokenizer_dir) / name
+            if source.exists():
+                shutil.copy2(source, tmp / name)
+        _write_stop_ids(tmp, config, Path(tokenizer_dir) / "generation_config.json")
     return path
 
 

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_distill.errors import BadInput
+from mlx_distill.files import atomic_dir
 from mlx_distill.recipe import StudentConfig
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -141,21 +142,12 @@ def adapter_config(model: nn.Module, s: StudentConfig, base: str | Path) -> dict
 
 def save_adapters(model: nn.Module, s: StudentConfig, path: str | Path, base: str | Path) -> Path:
     """Write mlx-lm's adapter folder (the trainable weights only), atomically."""
-    import shutil
-
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config(model, s, base), indent=2))
-    if path.exists():  # keep a base saved inside the folder earlier
-        for item in path.iterdir():
-            if not (tmp / item.name).exists():
-                item.rename(tmp / item.name)
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path, keep_old=True) as tmp:  # keeps a base saved inside the folder earlier
+        weights = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
+        config = adapter_config(model, s, base)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return path
 
 

@@ -93,7 +93,7 @@ def _project_step(model, optimizer, cfg, kd: bool):
     from mlx_distill.recipe import LossConfig, TrainConfig
     from mlx_distill.train.recompute import checkpoint_blocks
     from mlx_distill.train.step import make_step
-    from mlx_distill.train.trainer import make_loss
+    from mlx_distill.train.loss import make_loss
 
     loss_cfg = LossConfig(kind="forward_kl", kd_weight=0.5) if kd else None
     train_cfg = TrainConfig(batch_size=cfg["batch"], grad_clip=0.0)

@@ -30,6 +30,7 @@ from mlx_distill.kernels import SparseTargets
 from mlx_distill.kernels.loss import choose_chunk
 from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.recipe import DistillConfig, LossConfig
+from mlx_distill.train.loss import make_loss
 from mlx_distill.train.sampler import sample_completions
 
 LOSS_TAG = "on_policy"
@@ -137,8 +138,6 @@ def onpolicy_loss(cfg: DistillConfig, loss: LossConfig):
     are the student's own samples) or the sampled-token estimator."""
     if cfg.loss == "sampled_token":
         return sampled_token_loss
-    from mlx_distill.train.trainer import make_loss
-
     kd = LossConfig(
         kind=cfg.loss,
         kd_weight=1.0,

@@ -10,9 +10,6 @@ import click
 
 from mlx_distill.errors import BadInput, StageIncomplete
 
-TEACH_STAGES = ["tokenizer", "teacher", "cache"]
-TRAIN_STAGES = ["distill", "baseline"]
-
 
 def _emit(obj: dict, as_json: bool) -> None:
     if as_json:
@@ -50,22 +47,23 @@ def _run(
         stages = [s for s in stages if s in recipe.stages]
         if not stages:
             raise BadInput(f"recipe {recipe_path} has none of the stages this command runs")
-    from mlx_distill import launch
+    from mlx_distill.run import launch
+    from mlx_distill.run.preflight import check_group
 
     selected = list(stages) or [s for s in recipe.stages]
     if hosts is not None:  # start the ranks; they run this same command without --hosts
         world = len(launch.read_hostfile(hosts)["hosts"])
-        launch.check_group(recipe, selected, world)
+        check_group(recipe, selected, world)
         sys.exit(launch.launch(hosts, _without_hosts(sys.argv[1:])))
     from mlx_distill.train import distributed
 
     distributed.init()  # a launcher started this process: join its group
     if distributed.world() > 1:  # every rank checks; rank 0 alone says what is wrong
-        distributed.agree(lambda: launch.check_group(recipe, selected, distributed.world()))
+        distributed.agree(lambda: check_group(recipe, selected, distributed.world()))
         jobs = 1  # the baseline trains after the student on the same ranks, not beside it
         progress = progress and distributed.is_main()
     from mlx_distill.context import Context
-    from mlx_distill.stages import run_stages
+    from mlx_distill.run.runner import run_stages
 
     ctx = Context(
         recipe,
@@ -158,7 +156,9 @@ def run(recipe, stages, **options):
 @_run_options
 def teach(recipe, **options):
     """Run the tokenizer, teacher and cache stages."""
-    _run(recipe, TEACH_STAGES, True, **options)
+    from mlx_distill.run.table import group
+
+    _run(recipe, group("teach"), True, **options)
 
 
 @cli.command()
@@ -166,7 +166,9 @@ def teach(recipe, **options):
 @_run_options
 def train(recipe, **options):
     """Run the distill and baseline stages (the teacher cache must be up to date)."""
-    _run(recipe, TRAIN_STAGES, True, **options)
+    from mlx_distill.run.table import group
+
+    _run(recipe, group("train"), True, **options)
 
 
 @cli.command()
@@ -203,13 +205,13 @@ def eval_(path, as_json, no_progress, hosts):
     """Re-evaluate a run directory (runs/NAME) and rewrite its report."""
     from pathlib import Path
 
-    from mlx_distill.stages import _run_context, evaluate_in_place
+    from mlx_distill.run.commands import evaluate_in_place, run_context
 
     if hosts is not None:
-        from mlx_distill import launch
+        from mlx_distill.run import launch
 
         launch.read_hostfile(hosts)
-        _run_context(Path(path))  # a run directory, checked before any rank starts
+        run_context(Path(path))  # a run directory, checked before any rank starts
         sys.exit(launch.launch(hosts, _without_hosts(sys.argv[1:])))
     from mlx_distill.train import distributed
 
@@ -276,7 +278,7 @@ def cache_repair(path, as_json, no_progress):
     if launched_backend() is not None:
         raise BadInput("cache repair runs in one process; start it without mlx.launch")
 
-    from mlx_distill.stages import repair_cache
+    from mlx_distill.run.commands import repair_cache
 
     _emit(repair_cache(Path(path), progress=not no_progress), as_json)
 
@@ -370,10 +372,13 @@ def _main(debug: bool) -> int:
 
 
 def main() -> None:
-    from mlx_distill.launch import mark_launched, report_exit
-    from mlx_distill.runlock import watch_parent
+    from mlx_distill import backend
+    from mlx_distill.run.side import watch_parent
 
     watch_parent()  # a side process: exit with the parent, even while still starting up
+    backend.setup()  # the fast BLAS on Linux CPU, before anything imports mlx.core
+    from mlx_distill.train.distributed import mark_launched, report_exit
+
     mark_launched()  # a rank of `--hosts`
     code = _main("--debug" in sys.argv)
     report_exit(code)  # the launching command reads every rank's code (mlx.launch's is 0)

@@ -1,7 +1,8 @@
-"""What every stage function gets: the recipe, the run directory and how to report progress.
+"""What a running stage is handed: the recipe, the run directory, the stage's own fingerprint
+and how to report progress.
 
-A leaf module (imports only the recipe) so that the stage runner, the stage functions, evaluation
-and the report can all use it without importing each other.
+A leaf module (imports only the recipe): the runner (`run/`) makes one per stage and the stage
+bodies (`stages/`) read it. Libraries never see it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlx_distill.recipe import Recipe
 
 @dataclass
 class Context:
-    """What every stage function gets."""
+    """What every stage body gets."""
 
     recipe: Recipe
     run_dir: Path
@@ -28,6 +29,7 @@ class Context:
     recipe_path: str = "RECIPE"  # as the user gave it, with `overrides`: for commands in messages
     overrides: tuple[str, ...] = ()
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+    fingerprint: str = ""  # the running stage's, set by the runner (what its checkpoints match)
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -42,3 +44,8 @@ def read_stage(ctx: Context, name: str) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def stage_result(ctx: Context, name: str) -> dict:
+    """The summary the stage's last run returned ({} if it has none)."""
+    return (read_stage(ctx, name) or {}).get("result") or {}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mlx_distill.errors import BadInput
-from mlx_distill.schema import _check_choices, _closest, choices, fingerprint, from_dict
+from mlx_distill.schema import check_choices, choices, closest, fingerprint, from_dict
 
 STAGES = ("tokenizer", "teacher", "cache", "distill", "baseline", "eval", "report")
 
@@ -328,7 +328,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-field checks the types alone cannot express."""
-        _check_choices(self)
+        check_choices(self)
         if (self.data.reasoning_open is None) != (self.data.reasoning_close is None):
             raise BadInput(
                 "recipe keys data.reasoning_open and data.reasoning_close: set both or neither"
@@ -336,7 +336,7 @@ class Recipe:
         for stage in self.stages:
             if stage not in STAGES:
                 raise BadInput(
-                    f"recipe key stages: unknown stage {stage!r}; {_closest(stage, STAGES)}"
+                    f"recipe key stages: unknown stage {stage!r}; {closest(stage, STAGES)}"
                 )
         positive = {
             "train.steps": self.train.steps,

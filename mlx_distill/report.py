@@ -6,9 +6,6 @@ import json
 import math
 from pathlib import Path
 
-from mlx_distill.context import Context, read_stage
-from mlx_distill.evaluate import run_models
-
 
 def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None) -> bool:
     """Loss curves of every run in metrics.jsonl; runs: if given, the distill-* runs to show
@@ -67,10 +64,15 @@ def sign_test(a: int, b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def write_report(ctx: Context) -> dict:
-    """report.md + loss_curves.png in the run directory; the last lines say how to chat."""
-    recipe, run_dir = ctx.recipe, ctx.run_dir
-    results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
+def write_report(
+    recipe, run_dir: Path, results: dict, stages: dict[str, dict], paths: dict[str, Path]
+) -> dict:
+    """report.md + loss_curves.png in `run_dir`; the last lines say how to chat.
+
+    results: the eval stage's results.json. stages: {stage: its summary} of the teacher,
+    cache, distill and baseline stages ({} for one that did not run). paths: {role: model
+    folder} of the run's models (teacher, student, baseline, ...).
+    """
     models = results["models"]
     lines = [
         f"# {recipe.name}",
@@ -83,8 +85,7 @@ def write_report(ctx: Context) -> dict:
     ]
     params = {}
     for stage, role in (("distill", "student"), ("baseline", "baseline"), ("teacher", "teacher")):
-        info = read_stage(ctx, stage) or {}
-        params[role] = (info.get("result") or {}).get("parameters")
+        params[role] = stages.get(stage, {}).get("parameters")
     names = {"teacher": "teacher", "student": "KD student", "baseline": "baseline (hard labels)"}
     tags = [tag for tag, _ in recipe.distill.runs()]
     for tag in tags:
@@ -117,17 +118,17 @@ def write_report(ctx: Context) -> dict:
                 f"baseline {only_base} (two-sided sign test p = "
                 f"{sign_test(only_kd, only_base):.2g}).",
             ]
-    lines += _compare_section(ctx, models)
-    teacher_data = ((read_stage(ctx, "cache") or {}).get("result") or {}).get("report")
+    lines += _compare_section(recipe, stages, models)
+    teacher_data = stages.get("cache", {}).get("report")
     if teacher_data:  # what an API teacher's cache was made from (prompts used, coverage)
         lines += ["", teacher_data]
     lines += _samples_section(models, names, recipe.eval.max_new_tokens)
     png = run_dir / "loss_curves.png"
     if _plot(run_dir / "metrics.jsonl", png, {f"distill-{tag}" for tag in tags}):
         lines += ["", "![loss curves](loss_curves.png)"]
-    chat_target = "student" if "student" in models else next(iter(run_models(ctx)), None)
+    chat_target = "student" if "student" in models else next(iter(paths), None)
     if chat_target is not None:
-        path = run_models(ctx)[chat_target]
+        path = paths[chat_target]
         lines += [
             "",
             "## Next",
@@ -143,14 +144,13 @@ def write_report(ctx: Context) -> dict:
     return {"report": str(run_dir / "report.md")}
 
 
-def _compare_section(ctx: Context, models: dict) -> list[str]:
+def _compare_section(recipe, stages: dict[str, dict], models: dict) -> list[str]:
     """The distill modes side by side when distill.compare ran: steps, the training's wall time
     and its on-policy part (the source's generation and teacher scoring), exact match."""
-    recipe = ctx.recipe
-    distill = (read_stage(ctx, "distill") or {}).get("result") or {}
+    distill = stages.get("distill", {})
     if not distill.get("compare"):
         return []
-    baseline = (read_stage(ctx, "baseline") or {}).get("result") or {}
+    baseline = stages.get("baseline", {})
 
     def mode_name(mode: str, lmbda: float | None, warm: int | None = None) -> str:
         name = f"{mode} (lmbda {lmbda})" if mode == "mixed" else mode

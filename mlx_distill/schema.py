@@ -23,16 +23,16 @@ def choices(tp: Any) -> tuple[str, ...]:
     return typing.get_args(tp)
 
 
-def _check_choices(obj: Any, prefix: str = "") -> None:
+def check_choices(obj: Any, prefix: str = "") -> None:
     """Every Literal field holds one of its values (also for recipes built in Python)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, tp, path = getattr(obj, f.name), hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_choices(value, path + ".")
+            check_choices(value, path + ".")
         elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
-                _check_choices(item, f"{path}[{i}].")
+                check_choices(item, f"{path}[{i}].")
         elif typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
             allowed = ", ".join(typing.get_args(tp))
             raise BadInput(f"recipe key {path}: {value!r} is not one of {allowed}")
@@ -44,7 +44,7 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _closest(key: str, valid: typing.Iterable[str]) -> str:
+def closest(key: str, valid: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"did you mean {match[0]!r}?" if match else f"valid keys: {', '.join(valid)}"
 
@@ -125,6 +125,6 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise BadInput(f"unknown recipe key {path}; {_closest(str(key), names)}")
+            raise BadInput(f"unknown recipe key {path}; {closest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)

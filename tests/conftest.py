@@ -2,7 +2,9 @@
 
 import pytest
 
-import mlx_distill  # noqa: F401  (must come before any mlx import)
+from mlx_distill import backend
+
+backend.setup()  # the fast BLAS, before anything imports mlx.core
 
 
 @pytest.fixture(scope="module")

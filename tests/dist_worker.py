@@ -14,14 +14,13 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from tiny import counting_examples, tiny_model, tiny_student, tiny_tokenizer
+from tiny import counting_examples, tiny_model, tiny_student, tiny_tokenizer, train_run
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.cache.loader import Loader
 from mlx_distill.cache.writer import merge_rank_manifests
 from mlx_distill.recipe import LossConfig, TrainConfig
 from mlx_distill.train import distributed as dist
-from mlx_distill.train.trainer import train
 
 VOCAB = 23
 
@@ -81,17 +80,15 @@ def main():
     student, _ = tiny_student(VOCAB, 3)
     cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup=2, log_every=1, checkpoint_every=2)
     loss_cfg = LossConfig(kind="forward_kl", kd_weight=0.5, temperature=1.0)
-    train(
+    train_run(
+        out,
         student,
         loader,
         cfg,
         loss_cfg,
-        run="distill",
-        metrics_path=out / "metrics.jsonl",
-        ckpt_dir=out / "ckpt",
-        fingerprint="fp",
-        seed=0,
-        progress=False,
+        "distill",
+        metrics=out / "metrics.jsonl",
+        checkpoints=out / "ckpt",
     )
     loader.close()
     if dist.is_main():

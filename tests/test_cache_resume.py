@@ -17,6 +17,7 @@ from tiny import random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache, verify_cache
 from mlx_distill.cache import format as fmt
+from mlx_distill.files import file_sha256
 from mlx_distill.teachers.local import LocalTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def _listed_shards_are_sound(out: Path) -> int:
         return 0
     manifest = fmt.read_manifest(out)
     for shard in manifest["shards"]:
-        assert fmt.file_sha256(out / shard["file"]) == shard["sha256"]
+        assert file_sha256(out / shard["file"]) == shard["sha256"]
     return manifest["rows"]
 
 

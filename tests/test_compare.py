@@ -16,7 +16,7 @@ from test_runs import main, one_line
 from tiny import ROOT, cli
 
 from mlx_distill.recipe import load_recipe
-from mlx_distill.stages import stage_inputs
+from mlx_distill.run.fingerprints import stage_inputs
 
 COMPARE = (
     "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5},"
@@ -150,7 +150,7 @@ def test_report_compares_the_modes_with_the_measured_values(compared):
 def test_report_reads_each_runs_exact_match(compared, tmp_path):
     """Distinct exact-match values (tiny students solve nothing) land in their own rows."""
     from mlx_distill.context import Context
-    from mlx_distill.report import write_report
+    from mlx_distill.stages.report import stage_report
 
     run_dir, _, _ = compared
     copy = tmp_path / "quickstart"
@@ -161,7 +161,7 @@ def test_report_reads_each_runs_exact_match(compared, tmp_path):
     for i, role in enumerate(roles):
         results["models"][role]["exact_match"] = (i + 1) / 8
     (copy / "eval" / "results.json").write_text(json.dumps(results))
-    write_report(Context(load_recipe(copy / "recipe.yaml"), copy, progress=False))
+    stage_report(Context(load_recipe(copy / "recipe.yaml"), copy, progress=False))
     table = (copy / "report.md").read_text().split("## Distill modes compared", 1)[1]
     rows = [r for r in table.split("\n\n")[2].splitlines()[2:]]
     assert [r.strip("| ").split(" | ")[-1] for r in rows] == [
@@ -299,7 +299,7 @@ def test_gemini_teacher_refuses_an_on_policy_compare_entry(tmp_path, monkeypatch
 
 def test_a_distributed_group_refuses_an_on_policy_compare_entry():
     from mlx_distill.errors import BadInput
-    from mlx_distill.launch import check_group
+    from mlx_distill.run.preflight import check_group
 
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", ["distill.compare=[{mode: offline}]"])
     check_group(recipe, ["distill"], 2)  # offline entries train data-parallel like the main run

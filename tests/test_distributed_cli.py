@@ -209,7 +209,7 @@ def test_doctor_lists_backends_and_the_group_it_would_join(monkeypatch, capsys, 
 
 
 def test_outcome_trusts_only_the_ranks_own_exit_codes():
-    from mlx_distill.launch import outcome
+    from mlx_distill.run.launch import outcome
 
     assert outcome({0: 0, 1: 0}, 2, 0) == (0, None)
     assert outcome({0: 2, 1: 2}, 2, 0) == (2, None)  # agreed bad input: rank 0 printed it

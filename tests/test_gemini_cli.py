@@ -219,11 +219,14 @@ def test_gemini_logprob_targets_reach_distill_loss(tmp_path):
     from mlx_distill.cache import open_cache
     from mlx_distill.context import Context
     from mlx_distill.models import hidden_states, lm_head_weight
-    from mlx_distill.pipeline import _loader, _student, _tokenizer
     from mlx_distill.recipe import load_recipe
-    from mlx_distill.teachers import teacher_kind
+    from mlx_distill.stages.distill import student as _student
+    from mlx_distill.stages.gemini import prompt_keys
+    from mlx_distill.stages.inputs import loader as _loader
+    from mlx_distill.stages.inputs import tokenizer as _tokenizer
+    from mlx_distill.stages.kinds import teacher_kind
     from mlx_distill.teachers.align import records_to_examples
-    from mlx_distill.teachers.gemini_cache import prompt_keys, target_k
+    from mlx_distill.teachers.gemini_cache import target_k
 
     items = prompts(6)
     with FakeGemini(key=KEY) as fake:
@@ -259,11 +262,14 @@ def test_gemini_logprob_targets_reach_distill_loss(tmp_path):
 
     # ... and on the aligned targets themselves (before the cache's 8-bit log-prob codes).
     examples, targets, _ = records_to_examples(
-        run_dir / "teacher/records", tokenizer, keys=prompt_keys(ctx), k=target_k(ctx)
+        run_dir / "teacher/records",
+        tokenizer,
+        keys=prompt_keys(ctx),
+        k=target_k(ctx.recipe.teacher.gemini),
     )
     tokens = np.array(batch.tokens)
     B, L = tokens.shape
-    K = target_k(ctx)
+    K = target_k(ctx.recipe.teacher.gemini)
     raw_ids = np.zeros((B, L, K), np.int32)
     raw_lps = np.full((B, L, K), -np.inf, np.float32)
     raw_ids[:, :, 0], raw_lps[:, :, 0] = labels.reshape(B, L), 0.0  # uncovered: the label

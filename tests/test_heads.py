@@ -35,7 +35,7 @@ from mlx_distill.models import (
     text_model,
 )
 from mlx_distill.recipe import LossConfig
-from mlx_distill.train.trainer import make_loss
+from mlx_distill.train.loss import make_loss
 
 TOL = 1e-4
 V = 160  # more rows than the 120-id tokenizer: padded vocabularies, as real models have

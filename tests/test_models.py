@@ -90,8 +90,8 @@ def test_student_init_is_seeded_by_the_recipe(tmp_path):
     the recipe seed alone fixes their initial weights."""
 
     from mlx_distill.context import Context
-    from mlx_distill.pipeline import _student
     from mlx_distill.recipe import Recipe
+    from mlx_distill.stages.distill import student as _student
 
     class Vocab:
         def get_vocab(self):

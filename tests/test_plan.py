@@ -23,7 +23,7 @@ from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.recipe import LoraConfig, LossConfig, ModelConfig, StudentConfig, TrainConfig
 from mlx_distill.train.recompute import checkpoint_blocks
 from mlx_distill.train.step import make_step
-from mlx_distill.train.trainer import make_loss
+from mlx_distill.train.loss import make_loss
 import gc
 def measure(c):
     mx.random.seed(0)

@@ -8,7 +8,6 @@ from tiny import counting_examples, tiny_student, train_run, weights
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.recipe import LossConfig, TrainConfig
-from mlx_distill.train.trainer import train
 
 VOCAB = 23
 
@@ -118,17 +117,8 @@ def test_validation_loss_every_eval_every_steps(tmp_path):
     model = _model()
     cfg = TrainConfig(steps=7, batch_size=8, lr=1e-2, warmup=2, log_every=5, eval_every=3)
     loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
-    train(
-        model,
-        loader,
-        cfg,
-        None,
-        run="r",
-        metrics_path=tmp_path / "m.jsonl",
-        ckpt_dir=tmp_path / "ck",
-        fingerprint="fp",
-        progress=False,
-        validate=validate,
+    train_run(
+        tmp_path, model, loader, cfg, None, "r", metrics=tmp_path / "m.jsonl", validate=validate
     )
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "valid_loss" in r]

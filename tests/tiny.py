@@ -127,20 +127,28 @@ def weights(model) -> dict[str, np.ndarray]:
 
 
 def train_run(tmp_path: Path, model, loader, cfg, loss_cfg, run: str, fingerprint="fp", **kw):
-    """trainer.train with `run` naming both its metrics file and its checkpoint folder under
-    `tmp_path`; `kw`: train's other arguments."""
-    from mlx_distill.train.trainer import train
+    """trainer.train as a stage runs it (`stages.inputs.fit`): seeded with 0, the optimizer
+    from `make_optimizer`, checkpoints in `tmp_path/run` and metrics in `tmp_path/<run>.jsonl`;
+    `kw`: train's other arguments (validate, extra_losses), or `metrics`/`checkpoints` paths."""
+    from mlx_distill.train.checkpoint import Checkpoints
+    from mlx_distill.train.log import RunLog
+    from mlx_distill.train.loss import make_loss
+    from mlx_distill.train.trainer import make_optimizer, train
 
+    metrics = kw.pop("metrics", tmp_path / f"{run}.jsonl")
+    folder = kw.pop("checkpoints", tmp_path / run)
+    mx.random.seed(kw.pop("seed", 0))
+    optimizer, master = make_optimizer(model, cfg)
     return train(
         model,
+        optimizer,
         loader,
+        make_loss(loss_cfg),
         cfg,
-        loss_cfg,
-        run=run,
-        metrics_path=tmp_path / f"{run}.jsonl",
-        ckpt_dir=tmp_path / run,
-        fingerprint=fingerprint,
-        progress=False,
+        name=run,
+        master=master,
+        checkpoints=Checkpoints(folder, fingerprint),
+        callback=RunLog(metrics, run, progress=False),
         **kw,
     )
 

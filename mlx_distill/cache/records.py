@@ -91,7 +91,6 @@ def _shards(path: Path) -> list[Path]:
     return sorted(path.glob("records-*.jsonl"))
 
 
-
 def _usage_add(total: dict[str, int], usage: dict[str, Any] | None) -> None:
     for name in ("prompt", "answer", "thoughts", "total"):
         total[name] = total.get(name, 0) + int((usage or {}).get(name, 0) or 0)

@@ -19,12 +19,12 @@ from mlx_distill.cache.records import RecordStore
 from mlx_distill.errors import BadInput, StageFailed
 from mlx_distill.files import write_json_atomic
 from mlx_distill.recipe import GeminiConfig, fingerprint
-from mlx_distill.teachers.gemini import make_record
 from mlx_distill.teachers.gemini_client import (
     RunState,
     failed_fields,
     is_transport_error,
     make_client,
+    make_record,
     parse_response,
     redact,
     request_config,
@@ -124,7 +124,9 @@ def _submit(client, cfg, store, jobs_dir, chunk, state, progress) -> dict:
 
     keys = [k for k, _ in chunk]
     display = f"mlx-distill-{fingerprint(keys)}-{len(store.meta.get('batch_jobs', []))}"
-    write_json_atomic(jobs_dir / f"{display}.json", {"items": dict(chunk)}, indent=1, sort_keys=True)
+    write_json_atomic(
+        jobs_dir / f"{display}.json", {"items": dict(chunk)}, indent=1, sort_keys=True
+    )
     job = {"display_name": display, "name": None, "count": len(chunk), "state": "SUBMITTING"}
     _set_job(store, job)  # before create(): a crash here is found again by display name
     config = request_config(cfg, logprobs=state.logprobs)

@@ -20,12 +20,14 @@ from mlx_distill.cache.records import RecordStore, record_key
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import GeminiConfig, fingerprint
 from mlx_distill.teachers.base import Completion, TokenCandidates
+from mlx_distill.teachers.batch import run_batch
 from mlx_distill.teachers.gemini_client import (
     RunState,
     api_key,
     ask,
     generation_params,
     make_client,
+    make_record,
 )
 from mlx_distill.teachers.limits import Limiter
 from mlx_distill.teachers.prices import cost_usd, model_price, price_table
@@ -68,54 +70,6 @@ class GeminiTeacher:
         self.logprobs_note = state.logprobs_note
         return [to_completion(p, r) for p, r in zip(prompts, results)]
 
-    # -- the stages' interface (teachers.base.TeacherKind) ------------------------------------
-
-    data_parallel = False  # one client and one record store: rank 0 asks, the others wait
-
-    @classmethod
-    def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
-        # What an answer depends on, and nothing else: a changed max_cost, rate limit, timeout,
-        # retry policy, endpoint, batch mode or poll interval must not re-ask paid prompts.
-        return {"kind": "gemini", **teacher_identity(recipe.teacher.gemini)}, {}
-
-    @classmethod
-    def teach(cls, ctx: Any) -> dict[str, Any]:
-        import json
-
-        from mlx_distill.errors import StageIncomplete
-        from mlx_distill.text.data import read_jsonl
-
-        recipe, out = ctx.recipe, ctx.stage_dir("teacher")
-        prompts = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
-        summary = run_gemini_teacher(
-            recipe, prompts, out / "records", retry_failed=ctx.retry_failed, progress=ctx.progress
-        )
-        info = {"kind": "gemini", "path": str(out / "records")}
-        (out / "teacher.json").write_text(json.dumps(info))
-        if not summary["complete"]:
-            message = partial_message(summary, recipe)
-            if not recipe.teacher.allow_partial:
-                raise StageIncomplete(message)
-            ctx.log(f"[teacher] {message}; teacher.allow_partial is true: going on with them")
-        elif summary["failed_prompts"]:
-            ctx.log(
-                f"[teacher] {summary['failed_prompts']} prompts failed (reasons in stage.json); "
-                "`mlx-distill teach RECIPE --retry-failed` asks exactly those again"
-            )
-        return summary
-
-    @classmethod
-    def build_cache(cls, ctx: Any) -> dict[str, Any]:
-        from mlx_distill.teachers.gemini_cache import build_gemini_cache
-
-        return build_gemini_cache(ctx)
-
-    @classmethod
-    def cache_expect(cls, ctx: Any, tokenizer: Any) -> dict[str, Any]:
-        from mlx_distill.teachers.gemini_cache import gemini_cache_expect
-
-        return gemini_cache_expect(ctx, tokenizer)
-
 
 def partial_message(summary: dict[str, Any], recipe: Any) -> str:
     """What a partial teach has, why it stopped and how to continue, in one line."""
@@ -150,17 +104,6 @@ def to_completion(prompt: str, record: dict[str, Any]) -> Completion:
         tokens=tokens,
         error=record.get("error") if record.get("status") != "ok" else None,
     )
-
-
-def make_record(key: str, item: dict[str, Any], fields: dict[str, Any], source: str) -> dict:
-    """A store row: the prompt (and its id / reference answer) plus the response fields."""
-    record = {"key": key, "id": item.get("id"), "prompt": item["prompt"]}
-    if item.get("answer") is not None:
-        record["reference"] = item["answer"]
-    record.update(fields)
-    record["source"] = source
-    record["time"] = round(time.time(), 3)
-    return record
 
 
 def _check_prompts(prompts: list[dict]) -> None:
@@ -283,8 +226,6 @@ def run_gemini_teacher(
         start_cost = store.cost_usd
         started = time.time()
         if cfg.batch:
-            from mlx_distill.teachers.batch import run_batch
-
             stopped = run_batch(cfg, store, todo, state, progress=progress)
         else:
             stopped = asyncio.run(_run_online(cfg, store, todo, state, start_cost, progress))

@@ -1,4 +1,4 @@
-"""The cache stage of a Gemini teacher: stored answers -> a token cache for the student.
+"""From a Gemini teacher's stored answers to token targets for the student.
 
 Each answered prompt becomes one row in the student's tokens (its chat template, the thought
 summary in the reasoning span, then the answer; `teachers/align.py`), with the teacher's
@@ -6,10 +6,8 @@ log-prob candidates aligned to the student positions they predict as sparse top-
 cache has the format a local teacher's has (`cache/writer.py`), so the distill stage trains on
 both the same way: CE on the teacher's text plus KD where a position has targets; positions
 without targets hold the label with probability 1 (see `cache/loader.py`), and the teacher mass
-outside the stored candidates goes to the loss's tail bucket.
-
-Only records for the current prompts, model and answer-changing parameters are read (by key);
-other records in the store stay on disk unused.
+outside the stored candidates goes to the loss's tail bucket. The cache stage itself is
+`stages/gemini.py`.
 """
 
 from __future__ import annotations
@@ -18,45 +16,30 @@ from typing import Any
 
 import numpy as np
 
-from mlx_distill.cache.records import read_records, record_key
+from mlx_distill.cache.records import record_key
 from mlx_distill.cache.sparse import RowTargets
-from mlx_distill.context import Context, read_stage
-from mlx_distill.errors import BadInput
+from mlx_distill.recipe import GeminiConfig
+from mlx_distill.teachers.gemini import teacher_identity
 
 
-def prompt_keys(ctx: Context) -> list[str]:
-    """Record keys of the recipe's training prompts (unique, in data order)."""
-    from mlx_distill.teachers.gemini import teacher_identity
-    from mlx_distill.text.data import read_jsonl
-
-    recipe = ctx.recipe
-    identity = teacher_identity(recipe.teacher.gemini)
+def prompt_keys(cfg: GeminiConfig, prompts: list[dict]) -> list[str]:
+    """Record keys of the training prompts (unique, in data order)."""
+    identity = teacher_identity(cfg)
     model = identity["id"].split("/", 1)[1]
-    prompts = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
     keys = (record_key(model, identity["params"], p["prompt"]) for p in prompts)
     return list(dict.fromkeys(keys))
 
 
-def target_k(ctx: Context) -> int:
+def target_k(cfg: GeminiConfig) -> int:
     """Slots per position: the top candidates asked for, plus the chosen token when absent."""
-    return ctx.recipe.teacher.gemini.logprobs + 1
+    return cfg.logprobs + 1
 
 
-def gemini_cache_expect(ctx: Context, tokenizer: Any) -> dict[str, Any]:
-    from mlx_distill.text.tokenizer import template_hash, vocab_hash
+class AlignedTeacher:
+    """The `teacher.score` that `build_token_cache` calls, over precomputed aligned targets.
 
-    teacher = (read_stage(ctx, "teacher") or {}).get("result") or {}
-    return {
-        "vocab_hash": vocab_hash(tokenizer),
-        "template_hash": template_hash(tokenizer),
-        "targets": "topk",
-        "k": target_k(ctx),
-        "records": teacher.get("content"),  # which stored answers the cache was made from
-    }
-
-
-class _Aligned:
-    """The `teacher.score` that `build_token_cache` calls, over precomputed aligned targets."""
+    examples, targets: what `align.records_to_examples` returns. identity: `teacher_identity`.
+    content: the digest of the stored answers they were made from (the teacher's version)."""
 
     def __init__(self, examples, targets, tokenizer, identity: dict, content: str | None) -> None:
         from mlx_distill.text.tokenizer import vocab_hash
@@ -87,74 +70,6 @@ def row_targets(mask: np.ndarray, targets: tuple[np.ndarray, np.ndarray] | None)
         ids[positions][live].astype(np.int32),
         lps[positions][live].astype(np.float32),
     )
-
-
-def build_gemini_cache(ctx: Context) -> dict[str, Any]:
-    """The cache stage: refuse a partial teach unless allowed, align, write the token cache."""
-    from mlx_distill.cache import build_token_cache
-    from mlx_distill.pipeline import _tokenizer
-    from mlx_distill.teachers.align import records_to_examples
-    from mlx_distill.teachers.gemini import teacher_identity
-
-    recipe = ctx.recipe
-    tokenizer = _tokenizer(ctx)
-    records_dir = ctx.stage_dir("teacher") / "records"
-    keys = prompt_keys(ctx)
-    stored = read_records(records_dir, keys)
-    answered = sum(r.get("status") == "ok" for r in stored)
-    unasked = len(keys) - len(stored)
-    partial = {
-        "prompts": len(keys),
-        "answered": answered,
-        "failed": len(stored) - answered,  # not "failed_prompts": --retry-failed reruns the teacher
-        "unasked": unasked,
-        "partial": unasked > 0,
-    }
-    if unasked and not recipe.teacher.allow_partial:
-        raise BadInput(
-            f"the teacher's answers are partial ({answered} of {len(keys)} prompts answered, "
-            f"{unasked} not asked): continue with `mlx-distill teach RECIPE`, or set "
-            "teacher.allow_partial: true to train on them as they are"
-        )
-    from mlx_distill.text.chat import reasoning_span
-
-    think_open, think_close = reasoning_span(
-        tokenizer, recipe.data.reasoning_open, recipe.data.reasoning_close
-    )
-    examples, targets, coverage = records_to_examples(
-        records_dir,
-        tokenizer,
-        keys=keys,
-        k=target_k(ctx),
-        think_open=think_open,
-        think_close=think_close,
-    )
-    if not examples:
-        raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")
-    content = ((read_stage(ctx, "teacher") or {}).get("result") or {}).get("content")
-    c = recipe.cache
-    manifest = build_token_cache(
-        _Aligned(examples, targets, tokenizer, teacher_identity(recipe.teacher.gemini), content),
-        examples,
-        ctx.stage_dir("cache"),
-        targets="topk",
-        k=target_k(ctx),
-        batch_size=c.batch_size,
-        shard_rows=c.shard_rows,
-        seed=recipe.seed,
-        fingerprint=gemini_cache_expect(ctx, tokenizer),
-        progress=ctx.progress,
-    )
-    result = {
-        "rows": manifest["rows"],
-        "tokens": manifest["tokens"],
-        "examples": len(examples),
-        "prompts_used": len(examples),
-        **partial,
-        "coverage": coverage,
-    }
-    result["report"] = report_line(result)
-    return result
 
 
 def report_line(result: dict[str, Any]) -> str:

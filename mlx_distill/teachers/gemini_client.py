@@ -334,3 +334,14 @@ def is_transport_error(exc: BaseException) -> bool:
         if isinstance(exc, mod.TransportError):
             return True
     return isinstance(exc, ConnectionError)
+
+
+def make_record(key: str, item: dict[str, Any], fields: dict[str, Any], source: str) -> dict:
+    """A store row: the prompt (and its id / reference answer) plus the response fields."""
+    record = {"key": key, "id": item.get("id"), "prompt": item["prompt"]}
+    if item.get("answer") is not None:
+        record["reference"] = item["answer"]
+    record.update(fields)
+    record["source"] = source
+    record["time"] = round(time.time(), 3)
+    return record

@@ -91,9 +91,9 @@ def _project_step(model, optimizer, cfg, kd: bool):
     import mlx.core as mx
 
     from mlx_distill.recipe import LossConfig, TrainConfig
+    from mlx_distill.train.loss import make_loss
     from mlx_distill.train.recompute import checkpoint_blocks
     from mlx_distill.train.step import make_step
-    from mlx_distill.train.loss import make_loss
 
     loss_cfg = LossConfig(kind="forward_kl", kd_weight=0.5) if kd else None
     train_cfg = TrainConfig(batch_size=cfg["batch"], grad_clip=0.0)
@@ -242,6 +242,8 @@ def bench_step(
 
 
 if __name__ == "__main__":
-    import mlx_distill  # noqa: F401  (the fast BLAS before mlx.core)
+    from mlx_distill import backend
+
+    backend.setup()  # the fast BLAS before mlx.core
 
     print(json.dumps(run_variant(json.loads(sys.argv[1]))))

@@ -18,7 +18,9 @@ Rules the rest of the package follows inside a group:
 Failure is loud: a rank that dies closes its sockets and the ring backend raises "connection to a
 peer was lost" in the others' next collective (exit 1). `watch(...)` adds a deadline around a
 collective that should be quick (a training step): a rank still waiting after `timeout()` seconds
-(a hung peer) prints why and exits 1.
+(a hung peer) prints why and exits 1. A rank that `mlx-distill run --hosts` started
+(`run/launch.py`) ends with its exit code as its last stderr line (`report_exit`), since
+`mlx.launch` does not report the ranks' outcome honestly.
 """
 
 from __future__ import annotations
@@ -41,7 +43,28 @@ TIMEOUT_ENV = "MLX_DISTILL_TIMEOUT"  # seconds a training step may wait for the 
 DEFAULT_TIMEOUT = 300.0
 BACKENDS = ("ring", "jaccl", "mpi", "nccl")
 
+LAUNCHED_ENV = "MLX_DISTILL_LAUNCHED"  # set on every rank: print the exit line at the end
+
 _group: mx.distributed.Group | None = None
+_launched: dict = {}  # {"rank": R} in a rank started by `launch` (see `mark_launched`)
+
+
+def exit_line(rank: int, code: int) -> str:
+    return f"[mlx-distill] rank {rank} exit {code}"
+
+
+def mark_launched() -> None:
+    """In a rank `run --hosts` started (MLX_DISTILL_LAUNCHED set): remember it, and keep the
+    variable from this process's own children."""
+    if os.environ.pop(LAUNCHED_ENV, None):
+        _launched["rank"] = int(os.environ.get("MLX_RANK", 0))
+
+
+def report_exit(code: int) -> None:
+    """This rank's last stderr line, which `run/launch.py` reads (nothing outside such a rank)."""
+    if "rank" in _launched:
+        sys.stderr.flush()
+        print(exit_line(_launched["rank"], code), file=sys.stderr, flush=True)
 
 
 def launched_backend() -> str | None:
@@ -382,8 +405,6 @@ class _Watchdog:
                     file=sys.stderr,
                     flush=True,
                 )
-                from mlx_distill.launch import report_exit
-
                 report_exit(1)
                 os._exit(1)  # the main thread is blocked inside the collective
 

@@ -1,31 +1,24 @@
-"""One process at a time per run directory, and side processes that die with their parent.
+"""One process at a time per run directory.
 
 `RunLock` holds an exclusive `flock` on `runs/<name>/run.lock` while stages run; the file holds
 the holder's pid, so a second command can say who has the run. The kernel drops a flock when its
 holder dies, so the lock of a killed run is simply taken over (with one log line naming the dead
-pid). A side process (the baseline trained beside the KD student) works under its parent's lock:
-the parent passes its pid and the read end of a pipe (`MLX_DISTILL_PARENT=pid:fd`), and the
-child exits as soon as that pipe reports end-of-file, i.e. when the parent is gone however it
-died (SIGKILL included; this works on macOS too). On Linux the child also asks the kernel for
-SIGKILL when its parent dies (PR_SET_PDEATHSIG).
+pid). A side process (`side.py`: the baseline trained beside the KD student) works under its
+parent's lock.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
+from mlx_distill.run.side import inherit_parent
 
 LOCK_FILE = "run.lock"
-PARENT_ENV = "MLX_DISTILL_PARENT"  # "pid:fd", set for a side process only
-_PR_SET_PDEATHSIG = 1
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +53,7 @@ class RunLock:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._file = None
         self.claimed = False
-        self.inherited = _inherit_parent(self.path)
+        self.inherited = inherit_parent(self.path)
 
     def __enter__(self) -> RunLock:
         return self
@@ -122,74 +115,3 @@ class RunLock:
         self._file.close()
         self._file = None
         self.claimed = False
-
-
-_parent: dict = {}  # {"pid": int} once this process watches its parent
-
-
-def watch_parent() -> None:
-    """In a side process: die with the parent. Called first thing in the CLI (before the heavy
-    imports), so a parent killed while this process starts up takes it down too."""
-    value = os.environ.pop(PARENT_ENV, None)  # not for this process's own children
-    if not value or _parent:
-        return
-    pid_text, _, fd_text = value.partition(":")
-    _parent["pid"] = int(pid_text)
-    _die_with_parent(int(pid_text), int(fd_text))
-
-
-def _inherit_parent(lock_path: Path) -> bool:
-    """In a side process: work under the parent's lock (which must record the parent's pid)."""
-    watch_parent()
-    pid = _parent.get("pid")
-    if pid is None:
-        return False
-    try:
-        holder = lock_path.read_text().strip()
-    except OSError:
-        holder = ""
-    if holder != str(pid):
-        raise BadInput(f"{lock_path}: the parent process {pid} does not hold this run")
-    return True
-
-
-def _die_with_parent(pid: int, fd: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-    def watch() -> None:
-        try:
-            while os.read(fd, 1):
-                pass
-        except OSError:
-            pass
-        # End of file: the parent's end of the pipe closed, so the parent is gone.
-        print("[side process] parent process gone; stopping (rerun to resume)", file=sys.stderr)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def spawn_side(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Start `cmd` as a side process of this one: it works under this process's run lock and
-    exits when this process dies (the pipe's write end stays here, never inherited)."""
-    read_fd, write_fd = os.pipe()
-    env = dict(env, **{PARENT_ENV: f"{os.getpid()}:{read_fd}"})
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, pass_fds=(read_fd,))
-    finally:
-        os.close(read_fd)
-    proc._parent_pipe = write_fd  # closed by close_side() or at this process's exit
-    return proc
-
-
-def close_side(proc: subprocess.Popen) -> None:
-    fd = getattr(proc, "_parent_pipe", None)
-    if fd is not None:
-        os.close(fd)
-        proc._parent_pipe = None

@@ -4,7 +4,8 @@ Data files (UTF-8, JSONL shape, with the line), tokenizer folders (JSON files, l
 template), model folders (config.json, safetensors weights) and the tokenizer agreement between
 student, teacher and `tokenizer.path`: token-level targets need one vocabulary, and a student's
 weights only make sense with the tokenizer they were trained with (its own folder for
-`student.init: pretrained`, the teacher's for `teacher_layers`).
+`student.init: pretrained`, the teacher's for `teacher_layers`). In a distributed group, what
+the group can run data-parallel (`check_group`).
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ from pathlib import Path
 
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import STAGES, Recipe
-
-# Which stages read each data split.
-DATA_USERS = {
-    "train": {"tokenizer", "teacher", "cache", "distill", "baseline"},
-    "valid": {"teacher", "distill", "baseline"},
-    "test": {"eval"},
-}
-TRAINING = {"tokenizer", "teacher", "cache", "distill", "baseline"}
+from mlx_distill.run.table import TABLE
+from mlx_distill.train.distributed import check_batch
 
 
 def check_inputs(recipe: Recipe, stages: list[str]) -> None:
     """Raise BadInput for the first bad input that the `stages` about to run would read."""
     selected = set(stages)
     records = {}
-    for split, users in DATA_USERS.items():
+    for split in ("train", "valid", "test"):
+        users = {s for s in STAGES if split in TABLE[s].reads}
         if not users & selected:
             continue
         value = getattr(recipe.data, split)
@@ -38,7 +34,7 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
             used_by = ", ".join(s for s in STAGES if s in users & selected)
             raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
         records[split] = check_data_file(f"data.{split}", Path(value))
-    if selected & TRAINING or "eval" in selected:
+    if any(TABLE[s].reads for s in selected):  # every stage that reads data encodes it
         check_tokenizers(recipe, selected)
         check_renders(recipe, selected, records)
 
@@ -211,3 +207,26 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
 
         # the teacher scores the student's text: both must read it in the same chat format
         check_templates(recipe_tok, check_model_folder(teacher_key, Path(teacher_dir)), teacher_dir)
+
+
+def check_group(recipe, stages: list[str], world: int) -> None:
+    """BadInput unless the recipe's `stages` can run data-parallel on `world` ranks: every
+    global batch they train divides by the world size (times grad_accum), and distillation is
+    offline (on-policy sampling is per process)."""
+    trained = []
+    if {"distill", "baseline"} & set(stages):
+        trained.append(("train", recipe.train))
+    teacher = recipe.teacher
+    if "teacher" in stages and teacher.kind == "local" and not teacher.path:
+        trained.append(("teacher.train", teacher.train))
+    for key, cfg in trained:
+        check_batch(cfg.batch_size, f"{key}.batch_size", world, cfg.grad_accum)
+    modes = [("distill.mode", recipe.distill.mode)] + [
+        (f"distill.compare[{i}].mode", c.mode) for i, c in enumerate(recipe.distill.compare)
+    ]
+    for key, mode in modes:
+        if "distill" in stages and mode != "offline":
+            raise BadInput(
+                f"recipe key {key}: {mode} runs in one process (each rank would sample the "
+                "whole batch); run it without a distributed group, or use offline"
+            )

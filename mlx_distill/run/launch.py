@@ -28,35 +28,14 @@ import threading
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
+from mlx_distill.train.distributed import LAUNCHED_ENV
 
-LAUNCHED_ENV = "MLX_DISTILL_LAUNCHED"  # set on every rank: print the exit line at the end
 PORT_ENV = "MLX_DISTILL_PORT"  # first ring port for remote hosts (default: mlx.launch's 32323)
 FORWARD_ENV = ("OPENBLAS_NUM_THREADS", "MLX_DISTILL_TIMEOUT", "MLX_DISTILL_BLAS")
 EXIT_LINE = re.compile(r"^\[mlx-distill\] rank (\d+) exit (-?\d+)\s*$")
 # mlx.launch's own per-rank lines ("[WARN] Node with rank 1 exited with code 2"): replaced by ours
 LAUNCHER_LINE = re.compile(r"\[WARN\] Node with rank \d+ (exited with code|was killed)")
 LOCAL = "127.0.0.1"
-
-
-_launched: dict = {}  # {"rank": R} in a rank started by `launch` (see `mark_launched`)
-
-
-def exit_line(rank: int, code: int) -> str:
-    return f"[mlx-distill] rank {rank} exit {code}"
-
-
-def mark_launched() -> None:
-    """In a rank `launch` started (MLX_DISTILL_LAUNCHED set): remember it, and keep the
-    variable from this process's own children."""
-    if os.environ.pop(LAUNCHED_ENV, None):
-        _launched["rank"] = int(os.environ.get("MLX_RANK", 0))
-
-
-def report_exit(code: int) -> None:
-    """This rank's last stderr line, which `launch` reads (nothing outside such a rank)."""
-    if "rank" in _launched:
-        sys.stderr.flush()
-        print(exit_line(_launched["rank"], code), file=sys.stderr, flush=True)
 
 
 def read_hostfile(path: str | Path) -> dict:
@@ -101,31 +80,6 @@ def read_hostfile(path: str | Path) -> dict:
             "(run without --hosts for one process)"
         )
     return {"backend": backend, "envs": envs, "hosts": hosts}
-
-
-def check_group(recipe, stages: list[str], world: int) -> None:
-    """BadInput unless the recipe's `stages` can run data-parallel on `world` ranks: every
-    global batch they train divides by the world size (times grad_accum), and distillation is
-    offline (on-policy sampling is per process)."""
-    from mlx_distill.train.distributed import check_batch
-
-    trained = []
-    if {"distill", "baseline"} & set(stages):
-        trained.append(("train", recipe.train))
-    teacher = recipe.teacher
-    if "teacher" in stages and teacher.kind == "local" and not teacher.path:
-        trained.append(("teacher.train", teacher.train))
-    for key, cfg in trained:
-        check_batch(cfg.batch_size, f"{key}.batch_size", world, cfg.grad_accum)
-    modes = [("distill.mode", recipe.distill.mode)] + [
-        (f"distill.compare[{i}].mode", c.mode) for i, c in enumerate(recipe.distill.compare)
-    ]
-    for key, mode in modes:
-        if "distill" in stages and mode != "offline":
-            raise BadInput(
-                f"recipe key {key}: {mode} runs in one process (each rank would sample the "
-                "whole batch); run it without a distributed group, or use offline"
-            )
 
 
 def _free_ports(count: int) -> int:

@@ -1,0 +1,115 @@
+"""The eval stage (and `mlx-distill eval PATH`): every model of the run on the held-out split.
+
+Exact match when the data has a task with a checker, perplexity and top-1 agreement with the
+teacher, and greedy samples for the report; the metrics themselves are `mlx_distill.evaluate`.
+Results land in eval/results.json; the stage summary leaves out the samples and solved lists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlx_distill.context import Context
+from mlx_distill.files import write_json_atomic
+from mlx_distill.stages import inputs
+
+
+def run_models(ctx: Context) -> dict[str, Path]:
+    """The models this run has, by role: teacher, student (KD), baseline, student-q{bits} and
+    student-<tag> for each distill.compare run."""
+    found = {}
+    info = inputs.teacher_info(ctx)
+    if info is not None and info.get("kind") == "local":
+        found["teacher"] = Path(info["path"])
+    bits = ctx.recipe.export.quantize_bits
+    candidates = [("student", "student", "distill"), ("baseline", "baseline", "baseline")]
+    if bits:
+        candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
+    for tag, _ in ctx.recipe.distill.runs():  # distill.compare's students
+        candidates.append((f"student-{tag}", f"student-{tag}", "distill"))
+    for role, folder, stage in candidates:
+        if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
+            found[role] = ctx.run_dir / folder
+    return found
+
+
+def evaluate_run(ctx: Context) -> dict:
+    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
+    from tqdm import tqdm
+
+    from mlx_distill.evaluate import (
+        SAMPLES,
+        exact_match,
+        generate_samples,
+        perplexity,
+        top1_agreement,
+    )
+    from mlx_distill.models import load_model, num_params
+    from mlx_distill.tasks import get_checker
+    from mlx_distill.text.chat import encode_records
+    from mlx_distill.text.data import read_jsonl
+    from mlx_distill.train import distributed
+
+    recipe = ctx.recipe
+    records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
+    check = get_checker(recipe.data.task)
+    # In a distributed group each rank evaluates every W-th batch; rank 0 writes the results.
+    shard = distributed.world() > 1
+    bs = recipe.eval.batch_size
+    mine = sum(len(records[i : i + bs]) for i in distributed.shard(range(0, len(records), bs)))
+    loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
+    results: dict[str, dict] = {}
+    for role, (model, tokenizer, _) in loaded.items():
+        examples, _ = encode_records(
+            tokenizer,
+            records,
+            max_len=recipe.data.max_seq_len + 1,
+            train_on=recipe.data.train_on,
+            what=f"{recipe.data.test} ({role})",
+        )
+        row = {"perplexity": perplexity(model, examples, shard=shard)}
+        if not role.startswith("student-q"):  # packed quantized weights would miscount
+            row["parameters"] = num_params(model)
+        if check is not None and all("answer" in r for r in records):
+            bar = tqdm(total=mine, desc=f"eval {role}", unit="problem", disable=not ctx.progress)
+            acc, outputs = exact_match(
+                model,
+                tokenizer,
+                records,
+                check,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                batch_size=bs,
+                progress=bar,
+                shard=shard,
+            )
+            bar.close()
+            row["exact_match"] = acc
+            row["solved"] = [
+                i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
+            ]
+        # Free-text runs too: the report shows what each model writes, special tokens included.
+        row["samples"] = generate_samples(
+            model,
+            tokenizer,
+            records[:SAMPLES],
+            max_new_tokens=recipe.eval.max_new_tokens,
+            shard=shard,
+        )
+        if role != "teacher" and "teacher" in loaded:
+            teacher = loaded["teacher"][0]
+            row["top1_agreement"] = top1_agreement(model, teacher, examples, shard=shard)
+        results[role] = row
+    summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
+    out = ctx.stage_dir("eval")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", summary)
+    brief = {
+        role: {k: v for k, v in row.items() if k not in ("samples", "solved")}
+        for role, row in results.items()
+    }
+    return brief
+
+
+def stage_eval(ctx: Context) -> dict:
+    return evaluate_run(ctx)

@@ -1,0 +1,122 @@
+"""The stage hooks of a local teacher (`teacher.kind: local`, `teachers.local.LocalTeacher`):
+the teacher stage checks the given model folder or trains the recipe's teacher through the
+trainer; the cache stage scores the training sequences into the token cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlx_distill.context import Context
+from mlx_distill.files import file_digest
+from mlx_distill.stages import inputs
+
+
+class LocalKind:
+    """`stages.kinds.TeacherKind` for a local mlx-lm teacher."""
+
+    data_parallel = True  # ranks train the teacher together and score their cache shards
+
+    @classmethod
+    def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
+        section = {k: v for k, v in recipe.to_dict()["teacher"].items() if k != "gemini"}
+        section.pop("allow_partial", None)  # a local teacher is never partial
+        files = {}
+        if recipe.teacher.path or recipe.teacher.init:
+            folder = Path(recipe.teacher.path or recipe.teacher.init)
+            for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+                files[f.name] = file_digest(str(f))
+        return section, files
+
+    @classmethod
+    def teach(cls, ctx: Context) -> dict[str, Any]:
+        """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
+        from mlx_distill.models import build_model, load_model, num_params, save_model
+        from mlx_distill.train import distributed
+
+        recipe, out = ctx.recipe, ctx.stage_dir("teacher")
+        tokenizer = inputs.tokenizer(ctx)
+        if recipe.teacher.path:  # checked in the preflight: a model folder with this tokenizer
+            path = Path(recipe.teacher.path).resolve()
+            if distributed.is_main():
+                (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
+            return {"path": str(path), "trained": False}
+        if recipe.teacher.init:  # continued training of an earlier teacher
+            model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
+        else:
+            model, config = build_model(recipe.teacher.model, len(tokenizer.get_vocab()))
+        cut: dict = {}
+        examples = inputs.examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
+        batches = inputs.loader(
+            ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size
+        )
+        validate = inputs.validator(ctx, tokenizer, cut)
+        result = inputs.fit(
+            ctx, model, "teacher", batches, recipe.teacher.train, None, validate=validate
+        )
+        batches.close()
+        path = out / "model"
+        if distributed.is_main():  # every rank holds the same weights; rank 0 writes them
+            save_model(model, config, ctx.stage_dir("tokenizer"), path)
+            (out / "teacher.json").write_text(
+                json.dumps({"kind": "local", "path": str(path.resolve())})
+            )
+        return {
+            "path": str(path),
+            "trained": True,
+            **inputs.cut_summary(cut),
+            "parameters": num_params(model),
+            "seconds": round(result.seconds, 1),
+        }
+
+    @classmethod
+    def build_cache(cls, ctx: Context) -> dict[str, Any]:
+        """Score the training sequences with the local teacher into the token cache."""
+        from mlx_distill.cache import build_token_cache
+        from mlx_distill.cache.writer import merge_rank_manifests
+        from mlx_distill.teachers.local import LocalTeacher
+        from mlx_distill.train import distributed
+
+        recipe = ctx.recipe
+        tokenizer = inputs.tokenizer(ctx)
+        teacher = LocalTeacher(inputs.teacher_path(ctx))
+        cut: dict = {}
+        examples = inputs.examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
+        c = recipe.cache
+        manifest = build_token_cache(
+            teacher,
+            examples,
+            ctx.stage_dir("cache"),
+            targets=c.targets,
+            k=c.k,
+            samples=c.samples,
+            temperature=c.temperature,
+            batch_size=c.batch_size,
+            shard_rows=c.shard_rows,
+            seed=recipe.seed,
+            fingerprint=cls.cache_expect(ctx, tokenizer),
+            progress=ctx.progress,
+            rank=distributed.rank(),
+            world=distributed.world(),
+        )
+        if distributed.world() > 1:  # each rank wrote its shards: rank 0 writes the manifest
+            distributed.barrier()
+            manifest = distributed.on_main(lambda: merge_rank_manifests(ctx.stage_dir("cache")))
+        return {"rows": manifest["rows"], "tokens": manifest["tokens"], **inputs.cut_summary(cut)}
+
+    @classmethod
+    def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:
+        from mlx_distill.text.tokenizer import template_hash, vocab_hash
+
+        c = ctx.recipe.cache
+        expect = {
+            "vocab_hash": vocab_hash(tokenizer),
+            "template_hash": template_hash(tokenizer),
+            "targets": c.targets,
+            "k": c.k,
+            "temperature": c.temperature,
+        }
+        if c.targets == "sample":
+            expect["samples"] = c.samples
+        return expect

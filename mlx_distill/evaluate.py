@@ -18,8 +18,10 @@ import numpy as np
 
 from mlx_distill.kernels.loss import forward_only
 from mlx_distill.models import Head, hidden_states, lm_head
+from mlx_distill.text.chat import record_prompt
 from mlx_distill.text.examples import TokenizedExample
 from mlx_distill.text.tokenizer import prompt_text
+from mlx_distill.train import distributed
 
 ROW_CHUNK = 1024
 SAMPLES = 3  # test prompts whose generations every report shows, for every model
@@ -31,7 +33,6 @@ def _each(items: Sequence, fn: Callable, shard: bool) -> list:
     batches, the same as one process would make, so the results are the same too."""
     if not shard:
         return [fn(x) for x in items]
-    from mlx_distill.train import distributed
 
     return distributed.map_shards(items, fn)
 
@@ -107,8 +108,6 @@ def top1_agreement(
 def _prompt_ids(tokenizer, prompt: str | dict) -> list[int]:
     """Ids a model continues: a user prompt, or a record's conversation before its last answer."""
     if isinstance(prompt, dict):
-        from mlx_distill.text.chat import record_prompt
-
         text = record_prompt(tokenizer, prompt)
     else:
         text = prompt_text(tokenizer, prompt)

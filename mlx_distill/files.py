@@ -44,7 +44,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(
-    path: str | Path, obj: Any, *, indent: int = 2, sort_keys: bool = False
+    path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = False
 ) -> None:
     """Replace `path` with `obj` as JSON atomically and durably."""
     write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys))

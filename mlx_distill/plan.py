@@ -21,8 +21,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_distill import backend
 from mlx_distill.errors import BadInput
+from mlx_distill.kernels.loss import choose_chunk
+from mlx_distill.models import model_config_dict, model_from_config
+from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.recipe import Recipe
+from mlx_distill.text.tokenizer import load_tokenizer
 
 GB = 1 << 30
 # (rows, V) fp32 buffers a sparse loss chunk keeps live at its peak (measured on the CPU: ~2.5;
@@ -96,7 +101,6 @@ def loss_chunk(tokens: int, vocab: int, chunk: int | None, labels_at_t: bool) ->
     """Rows per loss chunk as `distill_loss` picks them."""
     if chunk is not None:
         return min(chunk, tokens)
-    from mlx_distill.kernels.loss import choose_chunk
 
     return choose_chunk(tokens, vocab, 4, False, labels_at_t)
 
@@ -201,14 +205,11 @@ def _folder_skeleton(path: Path) -> tuple[nn.Module, dict]:
 
 def _vocab(recipe: Recipe) -> int:
     if recipe.tokenizer.path:
-        from mlx_distill.text.tokenizer import load_tokenizer
-
         return len(load_tokenizer(recipe.tokenizer.path).get_vocab())
     return recipe.tokenizer.vocab_size
 
 
 def _teacher_skeleton(recipe: Recipe) -> tuple[nn.Module, dict] | None:
-    from mlx_distill.models import model_config_dict, model_from_config
 
     t = recipe.teacher
     if t.kind != "local":
@@ -223,7 +224,6 @@ def _teacher_skeleton(recipe: Recipe) -> tuple[nn.Module, dict] | None:
 
 def student_skeleton(recipe: Recipe) -> tuple[nn.Module, dict]:
     """The student as the distill stage builds it (before adapters), with lazy weights."""
-    from mlx_distill.models import model_config_dict, model_from_config
 
     s = recipe.student
     if s.init == "pretrained":
@@ -244,7 +244,6 @@ def student_skeleton(recipe: Recipe) -> tuple[nn.Module, dict]:
 
 def device_memory() -> tuple[int, str]:
     """Bytes this device can use, and where the number comes from."""
-    from mlx_distill import backend
 
     if backend.device() == "metal":
         info = mx.device_info()
@@ -262,7 +261,6 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
 
     Also checks the adapter setting against the student (BadInput for what mlx-lm cannot do).
     """
-    from mlx_distill.models.adapters import apply_adapters
 
     stages = [st for st in recipe.stages if stages is None or st in stages]
     t = recipe.train

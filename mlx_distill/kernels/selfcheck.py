@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_distill.errors import BadInput
+from mlx_distill.kernels.native import NativeRows, native_backend
 from mlx_distill.kernels.rows import PortableRows
 from mlx_distill.kernels.targets import SparseTargets
 
@@ -120,7 +121,6 @@ def check_native(make_rows, loss) -> None:
 
 
 def _make_native():
-    from mlx_distill.kernels.native import NativeRows, native_backend
 
     return NativeRows(native_backend())
 
@@ -135,7 +135,6 @@ def rows_for(spec, dtype, loss):
     forced = _forced()
     if forced == "portable":
         return _PORTABLE
-    from mlx_distill.kernels.native import native_backend
 
     if native_backend() is None:
         if forced == "native":
@@ -164,7 +163,6 @@ def backend_label() -> str:
 
 def kernel_status() -> dict:
     """Which row pass runs here and why: {"native", "state", "reason", "backend"}."""
-    from mlx_distill.kernels.native import native_backend
 
     native = native_backend()
     state, reason = _state["state"], _state["reason"]

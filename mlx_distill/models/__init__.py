@@ -33,7 +33,7 @@ from mlx_distill.models.heads import (
     text_model,
 )
 from mlx_distill.recipe import ModelConfig
-from mlx_distill.text.tokenizer import TOKENIZER_FILES
+from mlx_distill.text.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 ARCHS = ("llama", "qwen2")  # what `build_model` builds from a ModelConfig
 
@@ -105,8 +105,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
     by content, and stopping at the chat template's end-of-turn token too).
     """
     from mlx_lm.utils import load_model as load_weights
-
-    from mlx_distill.text.tokenizer import load_tokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -248,7 +246,6 @@ def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: 
 
 def _write_stop_ids(folder: Path, config: dict, generation_config: Path) -> None:
     """Set eos_token_id (config.json, generation_config.json) to every id that ends a turn."""
-    from mlx_distill.text.tokenizer import load_tokenizer
 
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return

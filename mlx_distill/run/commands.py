@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mlx_distill.cache import format as fmt
+from mlx_distill.cache import verify_cache
 from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput
 from mlx_distill.files import file_sha256
@@ -14,6 +16,9 @@ from mlx_distill.recipe import STAGES, load_recipe
 from mlx_distill.run.fingerprints import rebuild_command, refuse_stale, stage_inputs, why_stale
 from mlx_distill.run.lock import RunLock
 from mlx_distill.run.preflight import check_inputs
+from mlx_distill.stages import BODIES
+from mlx_distill.stages.eval import evaluate_run
+from mlx_distill.stages.report import stage_report
 from mlx_distill.train import distributed as dist
 
 
@@ -34,8 +39,6 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
     Refused while another process holds the run, or when a model in it is not the one its
     recipe.yaml describes (the recipe changed since it was trained).
     """
-    from mlx_distill.stages.eval import evaluate_run
-    from mlx_distill.stages.report import stage_report
 
     ctx = run_context(Path(run_dir), progress and dist.is_main())
     if not dist.is_main():
@@ -59,9 +62,6 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
 def repair_cache(cache_dir: Path, progress: bool = True) -> dict:
     """`mlx-distill cache repair PATH`: rescore only the missing or damaged shards of a run's
     teacher cache (PATH = runs/NAME/cache), keeping every intact shard as it is."""
-    from mlx_distill.cache import format as fmt
-    from mlx_distill.cache import verify_cache
-    from mlx_distill.stages import BODIES
 
     cache_dir = Path(cache_dir)
     manifest = fmt.read_json_manifest(cache_dir)  # names the path if it is not a cache

@@ -16,7 +16,11 @@ from pathlib import Path
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
+from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import already_loaded, load_tokenizer, vocab_hash
 from mlx_distill.train.distributed import check_batch
+from mlx_distill.train.onpolicy import check_templates
 
 
 def check_inputs(recipe: Recipe, stages: list[str]) -> None:
@@ -48,7 +52,6 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
     template checks (a system turn it rejects, alternating roles) depends on those. A trained
     SentencePiece tokenizer uses the project's own template, which renders every known role.
     """
-    from mlx_distill.text.tokenizer import load_tokenizer
 
     if not recipe.tokenizer.path:
         return
@@ -62,7 +65,6 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
 
 
 def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> None:
-    from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
 
     seen = set()
     try:
@@ -81,7 +83,6 @@ def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> 
 def check_data_file(key: str, path: Path) -> list:
     """A JSONL data file: present, UTF-8 on every line, every record of a known shape.
     Returns its records."""
-    from mlx_distill.text.data import read_jsonl
 
     if not path.is_file():
         raise BadInput(f"recipe key {key}: data file not found: {path}")
@@ -112,7 +113,6 @@ def check_tokenizer_folder(key: str, folder: Path):
     Each JSON file is parsed first so a broken one is named with its line; a chat template that
     does not render is named with its file.
     """
-    from mlx_distill.text.tokenizer import already_loaded, load_tokenizer
 
     if not folder.is_dir():
         raise BadInput(f"recipe key {key}: folder not found: {folder}")
@@ -168,7 +168,6 @@ def check_model_folder(key: str, folder: Path):
 
 def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
     """Folders the selected stages read, and one vocabulary for student, teacher and recipe."""
-    from mlx_distill.text.tokenizer import vocab_hash
 
     tok_path = recipe.tokenizer.path
     recipe_tok = check_tokenizer_folder("tokenizer.path", Path(tok_path)) if tok_path else None
@@ -203,8 +202,6 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
         c.mode != "offline" for c in recipe.distill.compare
     )
     if on_policy and "distill" in selected and teacher_dir and recipe_tok:
-        from mlx_distill.train.onpolicy import check_templates
-
         # the teacher scores the student's text: both must read it in the same chat format
         check_templates(recipe_tok, check_model_folder(teacher_key, Path(teacher_dir)), teacher_dir)
 

@@ -20,6 +20,7 @@ from mlx_distill import __version__
 from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput, StageIncomplete
 from mlx_distill.files import write_json_atomic, write_text_atomic
+from mlx_distill.plan import check_recipe, format_table
 from mlx_distill.recipe import STAGES
 from mlx_distill.run import side
 from mlx_distill.run.fingerprints import contents, refuse_stale, stage_inputs
@@ -83,7 +84,6 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     which is also the barrier between stages: no rank starts a stage before rank 0 has written
     what the stage reads).
     """
-    from mlx_distill.plan import check_recipe, format_table
 
     recipe = ctx.recipe
     enabled = [s for s in STAGES if s in recipe.stages]

@@ -8,18 +8,31 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mlx_distill.cache import open_cache
 from mlx_distill.context import Context
 from mlx_distill.errors import BadInput
 from mlx_distill.files import write_json_atomic
+from mlx_distill.models import (
+    build_model,
+    export_quantized,
+    from_teacher_layers,
+    load_model,
+    num_params,
+    save_model,
+)
+from mlx_distill.models.adapters import apply_adapters, fuse_adapters, num_trainable, save_adapters
 from mlx_distill.stages import inputs
 from mlx_distill.stages.kinds import teacher_kind
+from mlx_distill.teachers.local import LocalTeacher
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import prompt_text
+from mlx_distill.train import distributed
+from mlx_distill.train.onpolicy import LOSS_TAG, OnPolicySource, check_templates, onpolicy_loss
 
 
 def student(ctx: Context, tokenizer):
     """(model, config) the student starts from: built, pretrained or the teacher's layers."""
     import mlx.core as mx
-
-    from mlx_distill.models import build_model, from_teacher_layers, load_model
 
     s = ctx.recipe.student
     # Seeded here so the KD student and the baseline start from the same weights, in any
@@ -74,11 +87,6 @@ def onpolicy_source(ctx: Context, recipe, model, tokenizer, cache=None):
     """
     import numpy as np
 
-    from mlx_distill.teachers.local import LocalTeacher
-    from mlx_distill.text.data import read_jsonl
-    from mlx_distill.text.tokenizer import prompt_text
-    from mlx_distill.train.onpolicy import LOSS_TAG, OnPolicySource, check_templates, onpolicy_loss
-
     teacher = LocalTeacher(inputs.teacher_path(ctx))
     check_templates(tokenizer, teacher.tokenizer, teacher.id)
     records = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
@@ -108,9 +116,6 @@ def onpolicy_source(ctx: Context, recipe, model, tokenizer, cache=None):
 def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
     """Train and export one student. recipe: a distill.compare run's (`compare_recipe`), whose
     `run` is distill-<tag>; else the context's."""
-    from mlx_distill.cache import open_cache
-    from mlx_distill.models import num_params, save_model
-    from mlx_distill.train import distributed
 
     recipe = recipe or ctx.recipe
     tokenizer = inputs.tokenizer(ctx)
@@ -130,8 +135,6 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
     else:
         source = inputs.examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
     if recipe.student.train != "full":
-        from mlx_distill.models.adapters import apply_adapters
-
         # mlx_lm.load(base, adapter_path=...) needs the base: the pretrained folder, or the
         # initial weights saved inside the adapter folder.
         if recipe.student.init != "pretrained" and distributed.is_main():
@@ -179,8 +182,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
     """Save run `run`'s trained model in mlx-lm format (rank 0): its adapters first when it
     trained some, then the model with them fused, and the quantized copy of the KD student.
     Returns the summary's adapter entries ({} for full training)."""
-    from mlx_distill.models import save_model
-    from mlx_distill.train import distributed
 
     main = distributed.is_main()  # in a distributed group rank 0 alone writes the models
     out = out_dir(ctx, run)
@@ -189,8 +190,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
         stage_json = (ctx.stage_dir(run) / "stage.json").read_text()
     adapter_info = {}
     if recipe.student.train != "full":
-        from mlx_distill.models.adapters import fuse_adapters, num_trainable, save_adapters
-
         adapters = adapters_dir(ctx, run)
         adapter_info = {"adapters": str(adapters), "trainable": num_trainable(model)}
         base = recipe.student.path if recipe.student.init == "pretrained" else adapters / "base"
@@ -201,8 +200,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
     if main:
         save_model(model, config, student_tokenizer_dir(ctx), out)
         if run == "distill" and bits:
-            from mlx_distill.models import export_quantized
-
             export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
         if stage_json is not None:  # the baseline's model folder is also its stage folder
             (out / "stage.json").write_text(stage_json)
@@ -211,7 +208,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
 
 def group_summary(result) -> dict:
     """In a distributed group: its size and the measured all-reduce time of one step."""
-    from mlx_distill.train import distributed
 
     if distributed.world() == 1:
         return {}
@@ -254,7 +250,6 @@ def _summary_path(ctx: Context, run: str) -> Path:
 def _keep(ctx: Context, run: str, summary: dict) -> dict:
     """Record a finished, exported run of a distill stage with compare runs: a stage resumed
     after a kill skips it, and its measured wall time stays in the summary."""
-    from mlx_distill.train import distributed
 
     if distributed.is_main():
         path = _summary_path(ctx, run)
@@ -265,7 +260,6 @@ def _keep(ctx: Context, run: str, summary: dict) -> dict:
 
 def _finished(ctx: Context, run: str) -> dict | None:
     """The summary `_keep` wrote for `run` under this stage fingerprint, or None."""
-    from mlx_distill.train import distributed
 
     path = _summary_path(ctx, run)
     exported = (out_dir(ctx, run) / "config.json").exists()

@@ -10,8 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_distill.context import Context
+from mlx_distill.evaluate import SAMPLES, exact_match, generate_samples, perplexity, top1_agreement
 from mlx_distill.files import write_json_atomic
+from mlx_distill.models import load_model, num_params
 from mlx_distill.stages import inputs
+from mlx_distill.tasks import get_checker
+from mlx_distill.text.chat import encode_records
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.train import distributed
 
 
 def run_models(ctx: Context) -> dict[str, Path]:
@@ -36,19 +42,6 @@ def run_models(ctx: Context) -> dict[str, Path]:
 def evaluate_run(ctx: Context) -> dict:
     """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
     from tqdm import tqdm
-
-    from mlx_distill.evaluate import (
-        SAMPLES,
-        exact_match,
-        generate_samples,
-        perplexity,
-        top1_agreement,
-    )
-    from mlx_distill.models import load_model, num_params
-    from mlx_distill.tasks import get_checker
-    from mlx_distill.text.chat import encode_records
-    from mlx_distill.text.data import read_jsonl
-    from mlx_distill.train import distributed
 
     recipe = ctx.recipe
     records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)

@@ -6,23 +6,30 @@ parameters are read (by key); other records in the store stay on disk unused."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from mlx_distill.cache import build_token_cache
+from mlx_distill.cache.records import read_records
 from mlx_distill.context import Context, stage_result
 from mlx_distill.errors import BadInput, StageIncomplete
+from mlx_distill.files import write_json_atomic
 from mlx_distill.stages import inputs
+from mlx_distill.teachers import gemini_cache
+from mlx_distill.teachers.align import records_to_examples
+from mlx_distill.teachers.gemini import partial_message, run_gemini_teacher, teacher_identity
+from mlx_distill.teachers.gemini_cache import AlignedTeacher, report_line, target_k
+from mlx_distill.text.chat import reasoning_span
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import template_hash, vocab_hash
 
 
 def _prompts(ctx: Context) -> list[dict]:
-    from mlx_distill.text.data import read_jsonl
 
     return read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
 
 
 def prompt_keys(ctx: Context) -> list[str]:
     """Record keys of the recipe's training prompts (unique, in data order)."""
-    from mlx_distill.teachers import gemini_cache
 
     return gemini_cache.prompt_keys(ctx.recipe.teacher.gemini, _prompts(ctx))
 
@@ -34,7 +41,6 @@ class GeminiKind:
 
     @classmethod
     def fingerprint_parts(cls, recipe: Any) -> tuple[dict[str, Any], dict[str, str]]:
-        from mlx_distill.teachers.gemini import teacher_identity
 
         # What an answer depends on, and nothing else: a changed max_cost, rate limit, timeout,
         # retry policy, endpoint, batch mode or poll interval must not re-ask paid prompts.
@@ -42,7 +48,6 @@ class GeminiKind:
 
     @classmethod
     def teach(cls, ctx: Context) -> dict[str, Any]:
-        from mlx_distill.teachers.gemini import partial_message, run_gemini_teacher
 
         recipe, out = ctx.recipe, ctx.stage_dir("teacher")
         summary = run_gemini_teacher(
@@ -53,7 +58,7 @@ class GeminiKind:
             progress=ctx.progress,
         )
         info = {"kind": "gemini", "path": str(out / "records")}
-        (out / "teacher.json").write_text(json.dumps(info))
+        write_json_atomic(out / "teacher.json", info)
         if not summary["complete"]:
             message = partial_message(summary, recipe)
             if not recipe.teacher.allow_partial:
@@ -73,8 +78,6 @@ class GeminiKind:
 
     @classmethod
     def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:
-        from mlx_distill.teachers.gemini_cache import target_k
-        from mlx_distill.text.tokenizer import template_hash, vocab_hash
 
         return {
             "vocab_hash": vocab_hash(tokenizer),
@@ -88,12 +91,6 @@ class GeminiKind:
 
 def build_gemini_cache(ctx: Context) -> dict[str, Any]:
     """The cache stage: refuse a partial teach unless allowed, align, write the token cache."""
-    from mlx_distill.cache import build_token_cache
-    from mlx_distill.cache.records import read_records
-    from mlx_distill.teachers.align import records_to_examples
-    from mlx_distill.teachers.gemini import teacher_identity
-    from mlx_distill.teachers.gemini_cache import AlignedTeacher, report_line, target_k
-    from mlx_distill.text.chat import reasoning_span
 
     recipe = ctx.recipe
     cfg = recipe.teacher.gemini

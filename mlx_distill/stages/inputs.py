@@ -11,12 +11,21 @@ import json
 import math
 from pathlib import Path
 
+from mlx_distill.cache.loader import Loader
 from mlx_distill.context import Context
+from mlx_distill.evaluate import perplexity
+from mlx_distill.text.chat import encode_records
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import load_tokenizer
+from mlx_distill.train import distributed
+from mlx_distill.train.checkpoint import Checkpoints
+from mlx_distill.train.log import RunLog
+from mlx_distill.train.loss import make_loss
+from mlx_distill.train.trainer import make_optimizer, train
 
 
 def tokenizer(ctx: Context):
     """The run's tokenizer (the tokenizer stage's folder)."""
-    from mlx_distill.text.tokenizer import load_tokenizer
 
     return load_tokenizer(ctx.stage_dir("tokenizer"))
 
@@ -26,8 +35,6 @@ def examples(
 ):
     """The split's records through the chat encoder; rows cut at data.max_seq_len are counted
     (into `cut[split]`) and reported in one line."""
-    from mlx_distill.text.chat import encode_records
-    from mlx_distill.text.data import read_jsonl
 
     data = ctx.recipe.data
     path = getattr(data, split)
@@ -54,7 +61,6 @@ def validator(ctx: Context, tokenizer, cut: dict | None = None):
     """`validate(model) -> mean CE` on data.valid for the trainer, or None without data.valid."""
     if ctx.recipe.data.valid is None:
         return None
-    from mlx_distill.evaluate import perplexity
 
     valid = examples(ctx, tokenizer, split="valid", cut=cut)
     return lambda model: math.log(perplexity(model, valid, ctx.recipe.eval.batch_size))
@@ -73,8 +79,6 @@ def teacher_path(ctx: Context) -> Path:
 
 def loader(ctx: Context, source, seq_len: int, batch_size: int):
     """Batches of `batch_size` rows; in a distributed group, this rank's rows of each."""
-    from mlx_distill.cache.loader import Loader
-    from mlx_distill.train import distributed
 
     return Loader(
         source,
@@ -94,11 +98,6 @@ def fit(
     stage's fingerprint, logged to metrics.jsonl as `run` with a progress bar. loss_cfg None:
     cross-entropy on the labels. Returns the trainer's `TrainResult`."""
     import mlx.core as mx
-
-    from mlx_distill.train.checkpoint import Checkpoints
-    from mlx_distill.train.log import RunLog
-    from mlx_distill.train.loss import make_loss
-    from mlx_distill.train.trainer import make_optimizer, train
 
     mx.random.seed(ctx.recipe.seed)
     optimizer, master = make_optimizer(model, train_cfg)

@@ -4,13 +4,18 @@ trainer; the cache stage scores the training sequences into the token cache."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from mlx_distill.cache import build_token_cache
+from mlx_distill.cache.writer import merge_rank_manifests
 from mlx_distill.context import Context
-from mlx_distill.files import file_digest
+from mlx_distill.files import file_digest, write_json_atomic
+from mlx_distill.models import build_model, load_model, num_params, save_model
 from mlx_distill.stages import inputs
+from mlx_distill.teachers.local import LocalTeacher
+from mlx_distill.text.tokenizer import template_hash, vocab_hash
+from mlx_distill.train import distributed
 
 
 class LocalKind:
@@ -32,15 +37,13 @@ class LocalKind:
     @classmethod
     def teach(cls, ctx: Context) -> dict[str, Any]:
         """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
-        from mlx_distill.models import build_model, load_model, num_params, save_model
-        from mlx_distill.train import distributed
 
         recipe, out = ctx.recipe, ctx.stage_dir("teacher")
         tokenizer = inputs.tokenizer(ctx)
         if recipe.teacher.path:  # checked in the preflight: a model folder with this tokenizer
             path = Path(recipe.teacher.path).resolve()
             if distributed.is_main():
-                (out / "teacher.json").write_text(json.dumps({"kind": "local", "path": str(path)}))
+                write_json_atomic(out / "teacher.json", {"kind": "local", "path": str(path)})
             return {"path": str(path), "trained": False}
         if recipe.teacher.init:  # continued training of an earlier teacher
             model, _, config = load_model(recipe.teacher.init)  # its tokenizer: preflight
@@ -59,9 +62,8 @@ class LocalKind:
         path = out / "model"
         if distributed.is_main():  # every rank holds the same weights; rank 0 writes them
             save_model(model, config, ctx.stage_dir("tokenizer"), path)
-            (out / "teacher.json").write_text(
-                json.dumps({"kind": "local", "path": str(path.resolve())})
-            )
+            info = {"kind": "local", "path": str(path.resolve())}
+            write_json_atomic(out / "teacher.json", info)
         return {
             "path": str(path),
             "trained": True,
@@ -73,10 +75,6 @@ class LocalKind:
     @classmethod
     def build_cache(cls, ctx: Context) -> dict[str, Any]:
         """Score the training sequences with the local teacher into the token cache."""
-        from mlx_distill.cache import build_token_cache
-        from mlx_distill.cache.writer import merge_rank_manifests
-        from mlx_distill.teachers.local import LocalTeacher
-        from mlx_distill.train import distributed
 
         recipe = ctx.recipe
         tokenizer = inputs.tokenizer(ctx)
@@ -107,7 +105,6 @@ class LocalKind:
 
     @classmethod
     def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:
-        from mlx_distill.text.tokenizer import template_hash, vocab_hash
 
         c = ctx.recipe.cache
         expect = {

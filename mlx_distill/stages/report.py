@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 from mlx_distill.context import Context, stage_result
+from mlx_distill.report import write_report
 from mlx_distill.stages.eval import run_models
 
 
 def stage_report(ctx: Context) -> dict:
-    from mlx_distill.report import write_report
 
     results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
     stages = {name: stage_result(ctx, name) for name in ("teacher", "cache", "distill", "baseline")}

@@ -11,17 +11,17 @@ from pathlib import Path
 
 from mlx_distill.context import Context
 from mlx_distill.stages.kinds import teacher_kind
+from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import (
+    TOKENIZER_FILES,
+    load_tokenizer,
+    train_sentencepiece,
+    vocab_hash,
+)
 
 
 def stage_tokenizer(ctx: Context) -> dict:
     """Copy the recipe's tokenizer, or train a SentencePiece model on the training split."""
-    from mlx_distill.text.data import read_jsonl
-    from mlx_distill.text.tokenizer import (
-        TOKENIZER_FILES,
-        load_tokenizer,
-        train_sentencepiece,
-        vocab_hash,
-    )
 
     cfg, out = ctx.recipe.tokenizer, ctx.stage_dir("tokenizer")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from mlx_distill.cache.records import record_key
 from mlx_distill.cache.sparse import RowTargets
 from mlx_distill.recipe import GeminiConfig
 from mlx_distill.teachers.gemini import teacher_identity
+from mlx_distill.text.tokenizer import vocab_hash
 
 
 def prompt_keys(cfg: GeminiConfig, prompts: list[dict]) -> list[str]:
@@ -42,7 +43,6 @@ class AlignedTeacher:
     content: the digest of the stored answers they were made from (the teacher's version)."""
 
     def __init__(self, examples, targets, tokenizer, identity: dict, content: str | None) -> None:
-        from mlx_distill.text.tokenizer import vocab_hash
 
         self.id = identity["id"]
         self.params = identity["params"]

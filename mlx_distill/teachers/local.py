@@ -22,8 +22,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_distill import backend
 from mlx_distill.cache.sparse import RowTargets, sample_targets, tempered_logprobs, topk_targets
 from mlx_distill.errors import BadInput
+from mlx_distill.models import hidden_states, lm_head, load_model
 from mlx_distill.teachers.base import Completion
 from mlx_distill.text.examples import TokenizedExample
 from mlx_distill.text.tokenizer import vocab_hash
@@ -53,7 +55,6 @@ class LocalTeacher:
             path = Path(source)
             if not (path / "config.json").is_file():
                 raise BadInput(f"teacher folder {path}: no config.json (expected an mlx-lm model)")
-            from mlx_distill.models import load_model
 
             try:  # the allow-list check happens in load_model, before the weights are read
                 model, tokenizer, config = load_model(path)
@@ -79,12 +80,10 @@ class LocalTeacher:
         self._warned_padding = False
         if cpu_fp32 and isinstance(source, (str, Path)):  # a passed-in model stays the caller's
             _fp32_on_cpu(self)
-        from mlx_distill.models import lm_head
 
         self._head = lm_head(self.model)  # the LM-head contract: weight and logits transform
 
     def _hidden(self, tokens: mx.array) -> mx.array:
-        from mlx_distill.models import hidden_states
 
         return hidden_states(self.model, tokens)
 
@@ -240,7 +239,6 @@ def _weights_hash(model: nn.Module) -> str:
 def _fp32_on_cpu(teacher: LocalTeacher) -> None:
     """Score in float32 on the CPU backend: cast a bf16/fp16 teacher, and dequantize a quantized
     one whose float32 copy fits in half of the memory (quantized matmuls are slow there too)."""
-    from mlx_distill import backend
 
     if backend.device() != "cpu":
         return

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
+from mlx_distill.files import write_text_atomic
 
 ROLES = ("system", "user", "assistant")
 
@@ -91,11 +92,7 @@ def _normalize(raw: object, path: Path, lineno: int) -> Record:
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write records atomically (temp file, then rename)."""
+    """Write records atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

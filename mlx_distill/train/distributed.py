@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_distill.errors import BadInput
+from mlx_distill.errors import BadInput, StageIncomplete
 
 TIMEOUT_ENV = "MLX_DISTILL_TIMEOUT"  # seconds a training step may wait for the other ranks
 DEFAULT_TIMEOUT = 300.0
@@ -234,7 +234,6 @@ def _rethrow(kind: str, message: str):
     """The exception a rank raises for another rank's error (`on_main`, `agree`): the same class
     for BadInput and StageIncomplete, so every rank exits with the same code. Marked `shared`:
     rank 0 prints it, the others exit quietly (`quiet`)."""
-    from mlx_distill.errors import StageIncomplete
 
     cls = {"BadInput": BadInput, "StageIncomplete": StageIncomplete}.get(kind, RuntimeError)
     e = cls(message)
@@ -243,7 +242,6 @@ def _rethrow(kind: str, message: str):
 
 
 def _error(e: BaseException) -> list[str]:
-    from mlx_distill.errors import StageIncomplete
 
     if isinstance(e, (BadInput, StageIncomplete)):
         return [type(e).__name__, str(e)]

@@ -30,6 +30,7 @@ from mlx_distill.kernels import SparseTargets
 from mlx_distill.kernels.loss import choose_chunk
 from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.recipe import DistillConfig, LossConfig
+from mlx_distill.text.tokenizer import template_hash, vocab_hash
 from mlx_distill.train.loss import make_loss
 from mlx_distill.train.sampler import sample_completions
 
@@ -53,7 +54,6 @@ class OnPolicyBatch(NamedTuple):
 
 def check_templates(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
     """Refuse on-policy distillation when student and teacher would read the text differently."""
-    from mlx_distill.text.tokenizer import template_hash, vocab_hash
 
     if vocab_hash(student_tokenizer) != vocab_hash(teacher_tokenizer):
         raise BadInput(

@@ -224,7 +224,6 @@ def _teacher_skeleton(recipe: Recipe) -> tuple[nn.Module, dict] | None:
 
 def student_skeleton(recipe: Recipe) -> tuple[nn.Module, dict]:
     """The student as the distill stage builds it (before adapters), with lazy weights."""
-
     s = recipe.student
     if s.init == "pretrained":
         return _folder_skeleton(Path(s.path))
@@ -244,7 +243,6 @@ def student_skeleton(recipe: Recipe) -> tuple[nn.Module, dict]:
 
 def device_memory() -> tuple[int, str]:
     """Bytes this device can use, and where the number comes from."""
-
     if backend.device() == "metal":
         info = mx.device_info()
         size = info.get("max_recommended_working_set_size")
@@ -261,7 +259,6 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
 
     Also checks the adapter setting against the student (BadInput for what mlx-lm cannot do).
     """
-
     stages = [st for st in recipe.stages if stages is None or st in stages]
     t = recipe.train
     seq = recipe.data.max_seq_len

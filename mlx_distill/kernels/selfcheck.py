@@ -163,7 +163,6 @@ def backend_label() -> str:
 
 def kernel_status() -> dict:
     """Which row pass runs here and why: {"native", "state", "reason", "backend"}."""
-
     native = native_backend()
     state, reason = _state["state"], _state["reason"]
     try:

@@ -246,7 +246,6 @@ def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: 
 
 def _write_stop_ids(folder: Path, config: dict, generation_config: Path) -> None:
     """Set eos_token_id (config.json, generation_config.json) to every id that ends a turn."""
-
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         return
     own = config.get("eos_token_id")

@@ -39,7 +39,6 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
     Refused while another process holds the run, or when a model in it is not the one its
     recipe.yaml describes (the recipe changed since it was trained).
     """
-
     ctx = run_context(Path(run_dir), progress and dist.is_main())
     if not dist.is_main():
         ctx.log = lambda msg: None
@@ -62,7 +61,6 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
 def repair_cache(cache_dir: Path, progress: bool = True) -> dict:
     """`mlx-distill cache repair PATH`: rescore only the missing or damaged shards of a run's
     teacher cache (PATH = runs/NAME/cache), keeping every intact shard as it is."""
-
     cache_dir = Path(cache_dir)
     manifest = fmt.read_json_manifest(cache_dir)  # names the path if it is not a cache
     if manifest.get("kind") != "tokens":

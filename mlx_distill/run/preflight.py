@@ -52,7 +52,6 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
     template checks (a system turn it rejects, alternating roles) depends on those. A trained
     SentencePiece tokenizer uses the project's own template, which renders every known role.
     """
-
     if not recipe.tokenizer.path:
         return
     folders = {split: [recipe.tokenizer.path] for split in records}
@@ -83,7 +82,6 @@ def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> 
 def check_data_file(key: str, path: Path) -> list:
     """A JSONL data file: present, UTF-8 on every line, every record of a known shape.
     Returns its records."""
-
     if not path.is_file():
         raise BadInput(f"recipe key {key}: data file not found: {path}")
     with path.open("rb") as f:
@@ -113,7 +111,6 @@ def check_tokenizer_folder(key: str, folder: Path):
     Each JSON file is parsed first so a broken one is named with its line; a chat template that
     does not render is named with its file.
     """
-
     if not folder.is_dir():
         raise BadInput(f"recipe key {key}: folder not found: {folder}")
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -168,7 +165,6 @@ def check_model_folder(key: str, folder: Path):
 
 def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
     """Folders the selected stages read, and one vocabulary for student, teacher and recipe."""
-
     tok_path = recipe.tokenizer.path
     recipe_tok = check_tokenizer_folder("tokenizer.path", Path(tok_path)) if tok_path else None
     # The folders whose tokenizer must be the recipe's, with the reason.

@@ -84,7 +84,6 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     which is also the barrier between stages: no rank starts a stage before rank 0 has written
     what the stage reads).
     """
-
     recipe = ctx.recipe
     enabled = [s for s in STAGES if s in recipe.stages]
     for name in only or []:

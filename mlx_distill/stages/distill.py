@@ -116,7 +116,6 @@ def onpolicy_source(ctx: Context, recipe, model, tokenizer, cache=None):
 def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
     """Train and export one student. recipe: a distill.compare run's (`compare_recipe`), whose
     `run` is distill-<tag>; else the context's."""
-
     recipe = recipe or ctx.recipe
     tokenizer = inputs.tokenizer(ctx)
     model, config = student(ctx, tokenizer)
@@ -182,7 +181,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
     """Save run `run`'s trained model in mlx-lm format (rank 0): its adapters first when it
     trained some, then the model with them fused, and the quantized copy of the KD student.
     Returns the summary's adapter entries ({} for full training)."""
-
     main = distributed.is_main()  # in a distributed group rank 0 alone writes the models
     out = out_dir(ctx, run)
     stage_json = None
@@ -208,7 +206,6 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
 
 def group_summary(result) -> dict:
     """In a distributed group: its size and the measured all-reduce time of one step."""
-
     if distributed.world() == 1:
         return {}
     return {"ranks": distributed.world(), "allreduce_ms": round(result.allreduce_s * 1e3, 2)}
@@ -250,7 +247,6 @@ def _summary_path(ctx: Context, run: str) -> Path:
 def _keep(ctx: Context, run: str, summary: dict) -> dict:
     """Record a finished, exported run of a distill stage with compare runs: a stage resumed
     after a kill skips it, and its measured wall time stays in the summary."""
-
     if distributed.is_main():
         path = _summary_path(ctx, run)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +256,6 @@ def _keep(ctx: Context, run: str, summary: dict) -> dict:
 
 def _finished(ctx: Context, run: str) -> dict | None:
     """The summary `_keep` wrote for `run` under this stage fingerprint, or None."""
-
     path = _summary_path(ctx, run)
     exported = (out_dir(ctx, run) / "config.json").exists()
     text = path.read_text() if distributed.is_main() and path.exists() and exported else None

@@ -30,7 +30,6 @@ def _prompts(ctx: Context) -> list[dict]:
 
 def prompt_keys(ctx: Context) -> list[str]:
     """Record keys of the recipe's training prompts (unique, in data order)."""
-
     return gemini_cache.prompt_keys(ctx.recipe.teacher.gemini, _prompts(ctx))
 
 
@@ -91,7 +90,6 @@ class GeminiKind:
 
 def build_gemini_cache(ctx: Context) -> dict[str, Any]:
     """The cache stage: refuse a partial teach unless allowed, align, write the token cache."""
-
     recipe = ctx.recipe
     cfg = recipe.teacher.gemini
     tokenizer = inputs.tokenizer(ctx)

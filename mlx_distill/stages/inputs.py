@@ -26,7 +26,6 @@ from mlx_distill.train.trainer import make_optimizer, train
 
 def tokenizer(ctx: Context):
     """The run's tokenizer (the tokenizer stage's folder)."""
-
     return load_tokenizer(ctx.stage_dir("tokenizer"))
 
 
@@ -35,7 +34,6 @@ def examples(
 ):
     """The split's records through the chat encoder; rows cut at data.max_seq_len are counted
     (into `cut[split]`) and reported in one line."""
-
     data = ctx.recipe.data
     path = getattr(data, split)
     encoded, n_cut = encode_records(
@@ -79,7 +77,6 @@ def teacher_path(ctx: Context) -> Path:
 
 def loader(ctx: Context, source, seq_len: int, batch_size: int):
     """Batches of `batch_size` rows; in a distributed group, this rank's rows of each."""
-
     return Loader(
         source,
         batch_size=batch_size,

@@ -37,7 +37,6 @@ class LocalKind:
     @classmethod
     def teach(cls, ctx: Context) -> dict[str, Any]:
         """Check a local teacher folder against the tokenizer, or train the recipe's teacher."""
-
         recipe, out = ctx.recipe, ctx.stage_dir("teacher")
         tokenizer = inputs.tokenizer(ctx)
         if recipe.teacher.path:  # checked in the preflight: a model folder with this tokenizer
@@ -75,7 +74,6 @@ class LocalKind:
     @classmethod
     def build_cache(cls, ctx: Context) -> dict[str, Any]:
         """Score the training sequences with the local teacher into the token cache."""
-
         recipe = ctx.recipe
         tokenizer = inputs.tokenizer(ctx)
         teacher = LocalTeacher(inputs.teacher_path(ctx))

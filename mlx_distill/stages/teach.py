@@ -22,7 +22,6 @@ from mlx_distill.text.tokenizer import (
 
 def stage_tokenizer(ctx: Context) -> dict:
     """Copy the recipe's tokenizer, or train a SentencePiece model on the training split."""
-
     cfg, out = ctx.recipe.tokenizer, ctx.stage_dir("tokenizer")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.path:

@@ -239,7 +239,6 @@ def _weights_hash(model: nn.Module) -> str:
 def _fp32_on_cpu(teacher: LocalTeacher) -> None:
     """Score in float32 on the CPU backend: cast a bf16/fp16 teacher, and dequantize a quantized
     one whose float32 copy fits in half of the memory (quantized matmuls are slow there too)."""
-
     if backend.device() != "cpu":
         return
     model = teacher.model

@@ -234,7 +234,6 @@ def _rethrow(kind: str, message: str):
     """The exception a rank raises for another rank's error (`on_main`, `agree`): the same class
     for BadInput and StageIncomplete, so every rank exits with the same code. Marked `shared`:
     rank 0 prints it, the others exit quietly (`quiet`)."""
-
     cls = {"BadInput": BadInput, "StageIncomplete": StageIncomplete}.get(kind, RuntimeError)
     e = cls(message)
     e.shared = True

@@ -54,7 +54,6 @@ class OnPolicyBatch(NamedTuple):
 
 def check_templates(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
     """Refuse on-policy distillation when student and teacher would read the text differently."""
-
     if vocab_hash(student_tokenizer) != vocab_hash(teacher_tokenizer):
         raise BadInput(
             f"on-policy distillation: the student's tokenizer differs from the teacher's "

@@ -24,7 +24,8 @@ ARGS = dict(targets="sample", samples=12, batch_size=4, shard_rows=5, seed=3)
 CHILD = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import mlx_distill
+from mlx_distill import backend
+backend.setup()
 from tiny import random_examples, tiny_model, tiny_tokenizer
 from mlx_distill.cache import build_token_cache
 from mlx_distill.teachers.local import LocalTeacher

@@ -16,7 +16,8 @@ from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig
 # config's second step, with nothing of the previous config left alive.
 MEASURE = """
 import json, sys
-import mlx_distill
+from mlx_distill import backend
+backend.setup()
 import mlx.core as mx, mlx.optimizers as optim, numpy as np
 from mlx_distill.models import build_model
 from mlx_distill.models.adapters import apply_adapters

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import ROOT
 
 pytestmark = pytest.mark.skipif(
     not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
@@ -33,7 +34,9 @@ def _ports(n: int) -> list[int]:
 
 
 def _start(tmp: Path, args: list[str], ranks: int, **extra: str) -> list[subprocess.Popen]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **extra)
+    # PYTHONPATH: the worker (a script in tests/) imports this checkout's mlx_distill, not the
+    # one an editable install of another checkout would give it.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     if ranks == 1:
         cmd = [sys.executable, str(WORKER), *args]
         return [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from test_trainer import _examples
-from tiny import cli, tiny_student, train_run
+from tiny import cli, sets, tiny_student, train_run
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
@@ -153,8 +153,8 @@ LORA_RUN = [
 def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     from mlx_lm import load
 
-    sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
-    proc = cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
+    args = sets(*LORA_RUN, f"runs_dir={tmp_path}")
+    proc = cli("run", "recipes/quickstart.yaml", *args, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
     for name in ("student", "baseline"):
@@ -181,8 +181,8 @@ def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     ],
 )
 def test_bad_adapter_recipe_exits_2_and_writes_nothing(tmp_path, override, message):
-    sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}", override] for a in ("--set", s)]
-    proc = cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
+    args = sets(*LORA_RUN, f"runs_dir={tmp_path}", override)
+    proc = cli("run", "recipes/quickstart.yaml", *args, "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

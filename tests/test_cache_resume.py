@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tiny import random_examples, tiny_model, tiny_tokenizer
+from tiny import ROOT, random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache, verify_cache
 from mlx_distill.cache import format as fmt
 from mlx_distill.teachers.local import LocalTeacher
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(targets="sample", samples=12, batch_size=4, shard_rows=5, seed=3)
 CHILD = """
 import sys

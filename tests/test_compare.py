@@ -12,8 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from test_runs import main, one_line
-from tiny import ROOT, cli
+from tiny import ROOT, cli, main, one_line, quickstart_sets
 
 from mlx_distill.recipe import load_recipe
 from mlx_distill.stages import stage_inputs
@@ -22,22 +21,18 @@ COMPARE = (
     "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5},"
     " {mode: on_policy, steps: 3, offline_steps: 2}]"
 )
-TINY = [
-    "data.max_train=16",
-    "cache.shard_rows=8",
+# On top of tiny.QUICKSTART_TINY: 4 steps, a short eval, short on-policy samples.
+MORE = (
     "train.steps=4",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "data.valid=null",
     "eval.num_examples=6",
     "eval.max_new_tokens=12",
     "distill.max_new_tokens=12",
     "distill.samples_per_prompt=2",
-]
+)
 
 
 def _sets(runs: Path, *extra: str) -> list[str]:
-    return [a for s in [*TINY, f"runs_dir={runs}", *extra] for a in ("--set", s)]
+    return quickstart_sets(runs, *MORE, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny import ROOT, cli
+from tiny import ROOT, cli, sets
 
 SHRINK = [
     "data.max_train=48",
@@ -30,9 +30,9 @@ def run_cli(*args, env=None):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    sets = [a for s in SHRINK + [f"runs_dir={runs}"] for a in ("--set", s)]
-    proc = run_cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
-    return runs / "quickstart", sets, json.loads(proc.stdout)
+    args = sets(*SHRINK, f"runs_dir={runs}")
+    proc = run_cli("run", "recipes/quickstart.yaml", *args, "--json", "--no-progress")
+    return runs / "quickstart", args, json.loads(proc.stdout)
 
 
 def test_every_stage_ran_and_recorded(quickstart):
@@ -164,15 +164,15 @@ def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
     """--jobs 2 (the default) trains the baseline in a second process; --jobs 1 in-process."""
     import mlx.core as mx
 
-    run_dir, sets, _ = quickstart
-    sets = [f"runs_dir={tmp_path}" if a.startswith("runs_dir=") else a for a in sets]
+    run_dir, args, _ = quickstart
+    args = [f"runs_dir={tmp_path}" if a.startswith("runs_dir=") else a for a in args]
     stages = ("--stage", "tokenizer", "--stage", "teacher", "--stage", "baseline")
     # One BLAS thread, as the side process has: OpenBLAS sums in another order with two threads.
     one_thread = {"OPENBLAS_NUM_THREADS": "1"}
     run_cli(
         "run",
         "recipes/quickstart.yaml",
-        *sets,
+        *args,
         *stages,
         "--jobs",
         "1",
@@ -189,14 +189,14 @@ def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
 
 
 def test_rerun_skips_and_changes_rerun_downstream(quickstart):
-    run_dir, sets, _ = quickstart
-    again = json.loads(run_cli("run", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    run_dir, args, _ = quickstart
+    again = json.loads(run_cli("run", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert set(again["stages"].values()) == {"skipped"}
     changed = json.loads(
         run_cli(
             "run",
             "recipes/quickstart.yaml",
-            *sets,
+            *args,
             "--set",
             "loss.kd_weight=0.9",
             "--json",
@@ -216,7 +216,7 @@ def test_rerun_skips_and_changes_rerun_downstream(quickstart):
 
 def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     """recipes/quickstart_teacher.yaml, shrunk: SentencePiece + a tiny teacher + its eval."""
-    sets = [
+    first = [
         f"runs_dir={tmp_path}",
         "data.max_train=64",
         "tokenizer.vocab_size=160",
@@ -230,9 +230,10 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
         "eval.num_examples=4",
         "eval.max_new_tokens=8",
     ]
-    args = [a for s in sets for a in ("--set", s)]
     summary = json.loads(
-        run_cli("run", "recipes/quickstart_teacher.yaml", *args, "--json", "--no-progress").stdout
+        run_cli(
+            "run", "recipes/quickstart_teacher.yaml", *sets(*first), "--json", "--no-progress"
+        ).stdout
     )
     assert summary["stages"] == {"tokenizer": "ran", "teacher": "ran", "eval": "ran"}
     run_dir = tmp_path / "quickstart_teacher"
@@ -258,8 +259,7 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
         "eval.num_examples=4",
         "eval.max_new_tokens=8",
     ]
-    args = [a for s in more for a in ("--set", s)]
-    run_cli("run", "recipes/quickstart_teacher_more.yaml", *args, "--no-progress")
+    run_cli("run", "recipes/quickstart_teacher_more.yaml", *sets(*more), "--no-progress")
     import mlx.core as mx
 
     first = mx.load(str(teacher / "model.safetensors"))
@@ -269,11 +269,11 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
 
 
 def test_teach_then_train_run_their_stages_only(tmp_path):
-    sets = [a for s in SHRINK + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
-    taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    args = sets(*SHRINK, f"runs_dir={tmp_path}")
+    taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert taught["stages"] == {"tokenizer": "ran", "teacher": "ran", "cache": "ran"}
     assert not (tmp_path / "quickstart" / "student").exists()
-    trained = json.loads(run_cli("train", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    trained = json.loads(run_cli("train", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert trained["stages"] == {"distill": "ran", "baseline": "ran"}
     assert (tmp_path / "quickstart" / "student" / "model.safetensors").exists()
     assert not (tmp_path / "quickstart" / "report.md").exists()

@@ -1,10 +1,13 @@
-"""Tiny models, tokenizers and examples, a training run and the command line, as the tests
-share them (no tests here)."""
+"""What the tests share (no tests here): tiny models, tokenizers and examples, a training run;
+the quickstart recipe shrunk to seconds and the `--set` flattening; the command line in a
+subprocess (`cli`) or in this process (`main`, `one_line`, `tree`); free loopback ports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,17 @@ from mlx_distill.text.examples import TokenizedExample
 ROOT = Path(__file__).resolve().parents[1]
 # A scratch student small enough for a test to train it for tens of steps.
 SMALL = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+# recipes/quickstart.yaml shrunk to seconds: 16 rows in 2 cache shards, 2 steps of 4 rows, no
+# validation pass over 500 rows. A test that needs more appends its own `--set`s after these
+# (the last `--set` of a key wins).
+QUICKSTART_TINY = (
+    "data.max_train=16",
+    "cache.shard_rows=8",
+    "train.steps=2",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "data.valid=null",
+)
 
 
 def tiny_tokenizer(size: int):
@@ -169,3 +183,58 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600, **kw):
         env=dict(os.environ, **(env or {})),
         **kw,
     )
+
+
+def sets(*overrides: str) -> list[str]:
+    """The command-line form of `overrides` ("key=value" each): ["--set", o1, "--set", o2, ...]."""
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def quickstart_sets(runs: Path, *extra: str) -> list[str]:
+    """`--set`s for the tiny quickstart (QUICKSTART_TINY) under `runs`, then `extra`."""
+    return sets(*QUICKSTART_TINY, f"runs_dir={runs}", *extra)
+
+
+def main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`mlx-distill ARGS` in this process, from the repository root: (exit code, stdout,
+    stderr)."""
+    from mlx_distill import cli as command
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["mlx-distill", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        command.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str) -> str:
+    """The single error line of a refusal (exit 2, nothing else on stderr)."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (empty when it does not exist)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

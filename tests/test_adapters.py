@@ -7,8 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import _examples
-from tiny import cli, sets, tiny_student, train_run
+from tiny import TRAINER_VOCAB, cli, sets, tiny_student, train_run, trainer_examples
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
@@ -17,7 +16,7 @@ from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.models.adapters import apply_adapters, fuse_adapters
 from mlx_distill.recipe import LoraConfig, StudentConfig, TrainConfig
 
-VOCAB = 23
+VOCAB = TRAINER_VOCAB  # the vocabulary of trainer_examples, which _fit trains on
 
 
 def _greedy(model, prompt, n=10):
@@ -36,7 +35,12 @@ def _student(tie=True, intermediate=48):
 def _fit(tmp_path, model, name, steps=8):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-2, warmup=1, log_every=4)
     train_run(
-        tmp_path, model, Loader(_examples(), batch_size=8, seq_len=16, seed=0), cfg, None, name
+        tmp_path,
+        model,
+        Loader(trainer_examples(), batch_size=8, seq_len=16, seed=0),
+        cfg,
+        None,
+        name,
     )
 
 

@@ -1,6 +1,7 @@
-"""What the tests share (no tests here): tiny models, tokenizers and examples, a training run;
-the quickstart recipe shrunk to seconds and the `--set` flattening; the command line in a
-subprocess (`cli`) or in this process (`main`, `one_line`, `tree`); free loopback ports."""
+"""What the tests share (no tests here): tiny models, tokenizers and examples, a training run
+and the trainer tests' student, data and interrupting loader; the quickstart recipe shrunk to
+seconds and the `--set` flattening; the command line in a subprocess (`cli`) or in this process
+(`main`, `one_line`, `tree`); free loopback ports."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_distill.cache.loader import Loader
 from mlx_distill.text.examples import TokenizedExample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ QUICKSTART_TINY = (
     "train.log_every=1",
     "data.valid=null",
 )
+TRAINER_VOCAB = 23  # the vocabulary of trainer_examples and trainer_student
 
 
 def tiny_tokenizer(size: int):
@@ -238,3 +241,28 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def trainer_examples(n: int = 40, seed: int = 0):
+    """The trainer tests' data: counting sequences of 6-13 tokens over TRAINER_VOCAB ids, the
+    first 2 untrained."""
+    return counting_examples(n, TRAINER_VOCAB, seed, 6, 14, prompt=2)
+
+
+def trainer_student():
+    """The trainer tests' scratch student (SMALL, seed 3) over TRAINER_VOCAB ids."""
+    return tiny_student(TRAINER_VOCAB, 3)[0]
+
+
+class InterruptingLoader(Loader):
+    """A loader that stops the process (as a kill would) when batch `at` is requested."""
+
+    def __init__(self, *args, at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.count = at, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            raise KeyboardInterrupt
+        return super().__next__()

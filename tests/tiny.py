@@ -1,7 +1,7 @@
 """What the tests share (no tests here): tiny models, tokenizers and examples, a training run
 and the trainer tests' student, data and interrupting loader; the quickstart recipe shrunk to
 seconds and the `--set` flattening; the command line in a subprocess (`cli`) or in this process
-(`main`, `one_line`, `tree`); free loopback ports."""
+(`main`, `one_line`, `tree`); free loopback ports; the Gemini tests' key and recipe."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ QUICKSTART_TINY = (
     "data.valid=null",
 )
 TRAINER_VOCAB = 23  # the vocabulary of trainer_examples and trainer_student
+GEMINI_KEY = "AIzaFAKE-test-key-7f3c9d"  # distinctive, so a leak is found by grep
 
 
 def tiny_tokenizer(size: int):
@@ -266,3 +267,26 @@ class InterruptingLoader(Loader):
         if self.count == self.at:
             raise KeyboardInterrupt
         return super().__next__()
+
+
+def gemini_overrides(fake, **gemini) -> list[str]:
+    """Recipe overrides for a Gemini teacher at the loopback fake (`fake_gemini.FakeGemini`):
+    short timeouts and backoffs, no rate limit; `gemini`: teacher.gemini keys to change."""
+    base = {
+        "base_url": fake.base_url,
+        "timeout_s": 1,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "rpm": 0,
+        "max_in_flight": 4,
+    }
+    base.update(gemini)
+    return ["teacher.kind=gemini"] + [f"teacher.gemini.{k}={v}" for k, v in base.items()]
+
+
+def gemini_recipe(fake, **gemini):
+    """The default recipe with `gemini_overrides(fake, **gemini)`."""
+    from mlx_distill.recipe import load_recipe
+
+    return load_recipe(None, gemini_overrides(fake, **gemini))

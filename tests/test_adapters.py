@@ -154,6 +154,7 @@ LORA_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     from mlx_lm import load
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tiny import ROOT, random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache, verify_cache
@@ -62,6 +63,7 @@ def _listed_shards_are_sound(out: Path) -> int:
     return manifest["rows"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path):
     out = tmp_path / "killed"
     rng = random.Random()

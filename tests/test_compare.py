@@ -56,6 +56,7 @@ def _weights(folder: Path) -> dict:
     return mx.load(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_compare_students_are_exported_and_start_from_the_main_ones_weights(compared):
     from mlx_lm import load
 
@@ -73,6 +74,7 @@ def test_compare_students_are_exported_and_start_from_the_main_ones_weights(comp
     assert any(not mx.array_equal(main_w[k], on_policy[k]).item() for k in main_w)
 
 
+@pytest.mark.slow
 def test_metrics_and_summary_carry_each_run(compared):
     run_dir, _, _ = compared
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -108,6 +110,7 @@ def test_metrics_and_summary_carry_each_run(compared):
     assert (run_dir / "checkpoints" / "distill-on_policy" / "step-000003").is_dir()
 
 
+@pytest.mark.slow
 def test_report_compares_the_modes_with_the_measured_values(compared):
     run_dir, _, _ = compared
     models = json.loads((run_dir / "eval" / "results.json").read_text())["models"]
@@ -142,6 +145,7 @@ def test_report_compares_the_modes_with_the_measured_values(compared):
     assert (run_dir / "loss_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_report_reads_each_runs_exact_match(compared, tmp_path):
     """Distinct exact-match values (tiny students solve nothing) land in their own rows."""
     from mlx_distill.context import Context
@@ -169,6 +173,7 @@ def test_report_reads_each_runs_exact_match(compared, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_skips_finished_runs_and_redoes_the_rest(compared, tmp_path):
     run_dir, _, args = compared
     copy = tmp_path / "runs" / "quickstart"

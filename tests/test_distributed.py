@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from tiny import ROOT, free_ports
 
-pytestmark = pytest.mark.skipif(
-    not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
+    ),
+    pytest.mark.slow,  # every test here starts ranks (the module fixture too)
+]
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 

@@ -86,6 +86,7 @@ def two(tmp_path_factory):
     return runs / "quickstart", _ranks(runs, args)
 
 
+@pytest.mark.slow
 def test_two_rank_run_trains_like_one_process_and_rank0_alone_writes(one, two):
     from mlx_distill.cache import open_cache
 
@@ -116,6 +117,7 @@ def test_two_rank_run_trains_like_one_process_and_rank0_alone_writes(one, two):
     assert (run_dir / "run.lock").read_text() == ""  # rank 0 held it and let it go
 
 
+@pytest.mark.slow
 def test_two_rank_eval_equals_one_process_problem_for_problem(two, tmp_path):
     run_dir, _ = two
     sharded = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -128,6 +130,7 @@ def test_two_rank_eval_equals_one_process_problem_for_problem(two, tmp_path):
     assert alone == sharded
 
 
+@pytest.mark.slow
 def test_hosts_localhost_runs_through_mlx_launch_and_a_failed_rank_fails_it(one, tmp_path):
     hosts = tmp_path / "hosts.json"
     local = {"ssh": "localhost", "ips": ["127.0.0.1"]}

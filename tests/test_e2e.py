@@ -35,6 +35,7 @@ def quickstart(tmp_path_factory):
     return runs / "quickstart", args, json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_recorded(quickstart):
     run_dir, _, summary = quickstart
     assert set(summary["stages"]) == {
@@ -53,6 +54,7 @@ def test_every_stage_ran_and_recorded(quickstart):
     assert (run_dir / "recipe.yaml").read_text().count("max_train: 48") == 1
 
 
+@pytest.mark.slow
 def test_training_logged_both_runs(quickstart):
     run_dir, _, _ = quickstart
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,12 +70,14 @@ def test_training_logged_both_runs(quickstart):
     assert all(r["kd"] > 0 and 0 < r["covered_mass"] <= 1.0 + 1e-6 for r in distill)
 
 
+@pytest.mark.slow
 def test_cache_manifest_matches_data(quickstart):
     run_dir, _, _ = quickstart
     manifest = json.loads((run_dir / "cache" / "manifest.json").read_text())
     assert manifest["rows"] == 48 and manifest["complete"]
 
 
+@pytest.mark.slow
 def test_report_has_table_plot_and_chat_hint(quickstart):
     run_dir, _, _ = quickstart
     report = (run_dir / "report.md").read_text()
@@ -106,6 +110,7 @@ def test_report_has_table_plot_and_chat_hint(quickstart):
     assert "## Samples" in report and "teacher (12 tokens, cut at max_new_tokens=12)" in report
 
 
+@pytest.mark.slow
 def test_student_loads_with_mlx_lm_and_matches(quickstart):
     import mlx.core as mx
     from mlx_lm import load
@@ -127,6 +132,7 @@ def test_student_loads_with_mlx_lm_and_matches(quickstart):
     assert mx.abs(quantized(tokens) - logits).max().item() < 0.5 * mx.abs(logits).max().item()
 
 
+@pytest.mark.slow
 def test_mlx_lm_generate_cli_offline(quickstart):
     run_dir, _, _ = quickstart
     proc = subprocess.run(
@@ -151,6 +157,7 @@ def test_mlx_lm_generate_cli_offline(quickstart):
     assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
 
 
+@pytest.mark.slow
 def test_chat_reads_a_pipe(quickstart):
     run_dir, _, _ = quickstart
     pipe = "Ana has 12 apples.\n/reset\nHow many?\n/quit\nnever read\n"
@@ -160,6 +167,7 @@ def test_chat_reads_a_pipe(quickstart):
     assert "[conversation cleared]" in proc.stdout
 
 
+@pytest.mark.slow
 def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
     """--jobs 2 (the default) trains the baseline in a second process; --jobs 1 in-process."""
     import mlx.core as mx
@@ -188,6 +196,7 @@ def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
     assert any(not mx.allclose(side[k], kd[k]).item() for k in side)
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_changes_rerun_downstream(quickstart):
     run_dir, args, _ = quickstart
     again = json.loads(run_cli("run", "recipes/quickstart.yaml", *args, "--json").stdout)
@@ -214,6 +223,7 @@ def test_rerun_skips_and_changes_rerun_downstream(quickstart):
     }
 
 
+@pytest.mark.slow
 def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     """recipes/quickstart_teacher.yaml, shrunk: SentencePiece + a tiny teacher + its eval."""
     first = [
@@ -268,6 +278,7 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     assert all(mx.allclose(first[k], second[k], atol=1e-6).item() for k in first)
 
 
+@pytest.mark.slow
 def test_teach_then_train_run_their_stages_only(tmp_path):
     args = sets(*SHRINK, f"runs_dir={tmp_path}")
     taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *args, "--json").stdout)

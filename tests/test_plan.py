@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import ROOT, cli
 
 from mlx_distill.models import model_config_dict, model_from_config
@@ -80,6 +81,7 @@ def _predicted(c):
     return sum(terms.values())
 
 
+@pytest.mark.slow
 def test_predicted_peak_within_25_percent_of_measured():
     arg = json.dumps([dict(c, model=MODEL) for c in CONFIGS])
     proc = subprocess.run(

@@ -302,6 +302,7 @@ def _gone(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monkeypatch, capsys):
     runs, run_dir = run
     parent = subprocess.Popen(

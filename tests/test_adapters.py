@@ -7,8 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import _examples
-from tiny import cli, tiny_student, train_run
+from tiny import TRAINER_VOCAB, cli, sets, tiny_student, train_run, trainer_examples
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
@@ -17,7 +16,7 @@ from mlx_distill.models import hidden_states, lm_head_weight
 from mlx_distill.models.adapters import apply_adapters, fuse_adapters
 from mlx_distill.recipe import LoraConfig, StudentConfig, TrainConfig
 
-VOCAB = 23
+VOCAB = TRAINER_VOCAB  # the vocabulary of trainer_examples, which _fit trains on
 
 
 def _greedy(model, prompt, n=10):
@@ -36,7 +35,12 @@ def _student(tie=True, intermediate=48):
 def _fit(tmp_path, model, name, steps=8):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=2e-2, warmup=1, log_every=4)
     train_run(
-        tmp_path, model, Loader(_examples(), batch_size=8, seq_len=16, seed=0), cfg, None, name
+        tmp_path,
+        model,
+        Loader(trainer_examples(), batch_size=8, seq_len=16, seed=0),
+        cfg,
+        None,
+        name,
     )
 
 
@@ -150,11 +154,12 @@ LORA_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     from mlx_lm import load
 
-    sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
-    proc = cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
+    args = sets(*LORA_RUN, f"runs_dir={tmp_path}")
+    proc = cli("run", "recipes/quickstart.yaml", *args, "--json", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart"
     for name in ("student", "baseline"):
@@ -181,8 +186,8 @@ def test_lora_recipe_round_trips_through_mlx_lm(tmp_path):
     ],
 )
 def test_bad_adapter_recipe_exits_2_and_writes_nothing(tmp_path, override, message):
-    sets = [a for s in LORA_RUN + [f"runs_dir={tmp_path}", override] for a in ("--set", s)]
-    proc = cli("run", "recipes/quickstart.yaml", *sets, "--no-progress")
+    args = sets(*LORA_RUN, f"runs_dir={tmp_path}", override)
+    proc = cli("run", "recipes/quickstart.yaml", *args, "--no-progress")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,11 @@
 """`bench step` at a tiny size: each variant runs in its own process and reports real numbers."""
 
+import pytest
+
 from mlx_distill.train.bench import bench_step
 
 
+@pytest.mark.slow
 def test_bench_step_compares_kd_with_mlx_lm_lora():
     out = bench_step(
         layers=1,

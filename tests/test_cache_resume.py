@@ -13,19 +13,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tiny import random_examples, tiny_model, tiny_tokenizer
+import pytest
+from tiny import ROOT, random_examples, tiny_model, tiny_tokenizer
 
 from mlx_distill.cache import build_token_cache, open_cache, verify_cache
 from mlx_distill.cache import format as fmt
 from mlx_distill.files import file_sha256
 from mlx_distill.teachers.local import LocalTeacher
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(targets="sample", samples=12, batch_size=4, shard_rows=5, seed=3)
 CHILD = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import mlx_distill
+from mlx_distill import backend
+backend.setup()
 from tiny import random_examples, tiny_model, tiny_tokenizer
 from mlx_distill.cache import build_token_cache
 from mlx_distill.teachers.local import LocalTeacher
@@ -63,6 +64,7 @@ def _listed_shards_are_sound(out: Path) -> int:
     return manifest["rows"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tmp_path):
     out = tmp_path / "killed"
     rng = random.Random()

@@ -1,22 +1,14 @@
 """CLI error paths: one clear line, exit code 2, no traceback, nothing half-written."""
 
+import functools
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, cwd=None, env=None):
-    cmd = [sys.executable, "-m", "mlx_distill", *args]
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run(
-        cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=full_env, timeout=300
-    )
+cli = functools.partial(tiny.cli, timeout=300)  # `python -m mlx_distill ARGS` from the root
 
 
 def assert_one_line_error(proc, *fragments):

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from test_runs import main, one_line
-from tiny import ROOT, cli
+from tiny import ROOT, cli, main, one_line, quickstart_sets
 
 from mlx_distill.recipe import load_recipe
 from mlx_distill.run.fingerprints import stage_inputs
@@ -22,22 +21,18 @@ COMPARE = (
     "[{mode: offline}, {mode: on_policy, steps: 3}, {mode: mixed, steps: 2, lmbda: 0.5},"
     " {mode: on_policy, steps: 3, offline_steps: 2}]"
 )
-TINY = [
-    "data.max_train=16",
-    "cache.shard_rows=8",
+# On top of tiny.QUICKSTART_TINY: 4 steps, a short eval, short on-policy samples.
+MORE = (
     "train.steps=4",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "data.valid=null",
     "eval.num_examples=6",
     "eval.max_new_tokens=12",
     "distill.max_new_tokens=12",
     "distill.samples_per_prompt=2",
-]
+)
 
 
 def _sets(runs: Path, *extra: str) -> list[str]:
-    return [a for s in [*TINY, f"runs_dir={runs}", *extra] for a in ("--set", s)]
+    return quickstart_sets(runs, *MORE, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +56,7 @@ def _weights(folder: Path) -> dict:
     return mx.load(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_compare_students_are_exported_and_start_from_the_main_ones_weights(compared):
     from mlx_lm import load
 
@@ -78,6 +74,7 @@ def test_compare_students_are_exported_and_start_from_the_main_ones_weights(comp
     assert any(not mx.array_equal(main_w[k], on_policy[k]).item() for k in main_w)
 
 
+@pytest.mark.slow
 def test_metrics_and_summary_carry_each_run(compared):
     run_dir, _, _ = compared
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -113,6 +110,7 @@ def test_metrics_and_summary_carry_each_run(compared):
     assert (run_dir / "checkpoints" / "distill-on_policy" / "step-000003").is_dir()
 
 
+@pytest.mark.slow
 def test_report_compares_the_modes_with_the_measured_values(compared):
     run_dir, _, _ = compared
     models = json.loads((run_dir / "eval" / "results.json").read_text())["models"]
@@ -147,6 +145,7 @@ def test_report_compares_the_modes_with_the_measured_values(compared):
     assert (run_dir / "loss_curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_report_reads_each_runs_exact_match(compared, tmp_path):
     """Distinct exact-match values (tiny students solve nothing) land in their own rows."""
     from mlx_distill.context import Context
@@ -174,6 +173,7 @@ def test_report_reads_each_runs_exact_match(compared, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_skips_finished_runs_and_redoes_the_rest(compared, tmp_path):
     run_dir, _, args = compared
     copy = tmp_path / "runs" / "quickstart"

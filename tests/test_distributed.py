@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,30 +14,26 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import ROOT, free_ports
 
-pytestmark = pytest.mark.skipif(
-    not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
+    ),
+    pytest.mark.slow,  # every test here starts ranks (the module fixture too)
+]
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _start(tmp: Path, args: list[str], ranks: int, **extra: str) -> list[subprocess.Popen]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **extra)
+    # PYTHONPATH: the worker (a script in tests/) imports this checkout's mlx_distill, not the
+    # one an editable install of another checkout would give it.
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     if ranks == 1:
         cmd = [sys.executable, str(WORKER), *args]
         return [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)]
     hostfile = tmp / f"hosts-{time.time_ns()}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _ports(ranks)]))
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
     procs = []
     for r in range(ranks):
         env_r = dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile))

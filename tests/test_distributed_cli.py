@@ -14,9 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_distributed import _ports
-from test_runs import main, one_line, sets
-from tiny import ROOT, cli
+from tiny import ROOT, cli, free_ports, main, one_line, quickstart_sets
 
 pytestmark = pytest.mark.skipif(
     not mx.distributed.is_available("ring"), reason="no ring backend in this MLX build"
@@ -34,8 +32,8 @@ ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1")
 
 def _ranks(tmp: Path, args: list[str], n: int = 2) -> list[tuple[int, str, str]]:
     """`mlx-distill ARGS` as n ring ranks: [(exit code, stdout, stderr)] by rank."""
-    hostfile = tmp / f"ring-{_ports(1)[0]}.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _ports(n)]))
+    hostfile = tmp / f"ring-{free_ports(1)[0]}.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "mlx_distill", *args],
@@ -66,7 +64,7 @@ def _metrics(run_dir: Path) -> dict[str, np.ndarray]:
 def one(tmp_path_factory):
     """One process, --jobs 1: the reference run up to the baseline."""
     runs = tmp_path_factory.mktemp("one")
-    args = ["run", "recipes/quickstart.yaml", *sets(runs, *EXTRA), "--jobs", "1"]
+    args = ["run", "recipes/quickstart.yaml", *quickstart_sets(runs, *EXTRA), "--jobs", "1"]
     for stage in ("tokenizer", "teacher", "cache", "distill", "baseline"):
         args += ["--stage", stage]
     proc = cli(*args, "--no-progress", env=ENV)
@@ -78,10 +76,17 @@ def one(tmp_path_factory):
 def two(tmp_path_factory):
     """Two ranks, every stage: (run dir, [(code, stdout, stderr)] by rank)."""
     runs = tmp_path_factory.mktemp("two")
-    args = ["run", "recipes/quickstart.yaml", *sets(runs, *EXTRA), "--json", "--no-progress"]
+    args = [
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, *EXTRA),
+        "--json",
+        "--no-progress",
+    ]
     return runs / "quickstart", _ranks(runs, args)
 
 
+@pytest.mark.slow
 def test_two_rank_run_trains_like_one_process_and_rank0_alone_writes(one, two):
     from mlx_distill.cache import open_cache
 
@@ -112,6 +117,7 @@ def test_two_rank_run_trains_like_one_process_and_rank0_alone_writes(one, two):
     assert (run_dir / "run.lock").read_text() == ""  # rank 0 held it and let it go
 
 
+@pytest.mark.slow
 def test_two_rank_eval_equals_one_process_problem_for_problem(two, tmp_path):
     run_dir, _ = two
     sharded = json.loads((run_dir / "eval" / "results.json").read_text())
@@ -124,12 +130,19 @@ def test_two_rank_eval_equals_one_process_problem_for_problem(two, tmp_path):
     assert alone == sharded
 
 
+@pytest.mark.slow
 def test_hosts_localhost_runs_through_mlx_launch_and_a_failed_rank_fails_it(one, tmp_path):
     hosts = tmp_path / "hosts.json"
     local = {"ssh": "localhost", "ips": ["127.0.0.1"]}
     hosts.write_text(json.dumps([local, local]))
     shutil.copytree(one, tmp_path / "runs" / "quickstart")
-    args = ["run", "recipes/quickstart.yaml", *sets(tmp_path / "runs", *EXTRA), "--jobs", "1"]
+    args = [
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(tmp_path / "runs", *EXTRA),
+        "--jobs",
+        "1",
+    ]
     args += ["--stage", "distill", "--force", "--no-progress", "--hosts", str(hosts)]
     ok = cli(*args, env=ENV)
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -150,7 +163,12 @@ def test_hosts_localhost_runs_through_mlx_launch_and_a_failed_rank_fails_it(one,
 
 def test_bad_hostfile_or_indivisible_batch_refused_before_any_work(monkeypatch, capsys, tmp_path):
     runs = tmp_path / "runs"
-    base = ["run", "recipes/quickstart.yaml", *sets(runs, "train.batch_size=4"), "--hosts"]
+    base = [
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, "train.batch_size=4"),
+        "--hosts",
+    ]
     local = {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}
     three = tmp_path / "three.json"
     three.write_text(json.dumps({"backend": "ring", "hosts": [local] * 3}))
@@ -179,7 +197,7 @@ def test_bad_hostfile_or_indivisible_batch_refused_before_any_work(monkeypatch, 
 
 def test_launched_ranks_refuse_an_indivisible_batch_once(tmp_path):
     runs = tmp_path / "runs"
-    args = ["run", "recipes/quickstart.yaml", *sets(runs, "train.batch_size=5")]
+    args = ["run", "recipes/quickstart.yaml", *quickstart_sets(runs, "train.batch_size=5")]
     (code0, _, err0), (code1, _, err1) = _ranks(tmp_path, args)
     assert (code0, code1) == (2, 2)
     assert one_line(code0, err0) == (

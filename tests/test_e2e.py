@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from tiny import ROOT, cli
+from tiny import ROOT, cli, sets
 
 SHRINK = [
     "data.max_train=48",
@@ -30,11 +30,12 @@ def run_cli(*args, env=None):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    sets = [a for s in SHRINK + [f"runs_dir={runs}"] for a in ("--set", s)]
-    proc = run_cli("run", "recipes/quickstart.yaml", *sets, "--json", "--no-progress")
-    return runs / "quickstart", sets, json.loads(proc.stdout)
+    args = sets(*SHRINK, f"runs_dir={runs}")
+    proc = run_cli("run", "recipes/quickstart.yaml", *args, "--json", "--no-progress")
+    return runs / "quickstart", args, json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_recorded(quickstart):
     run_dir, _, summary = quickstart
     assert set(summary["stages"]) == {
@@ -53,6 +54,7 @@ def test_every_stage_ran_and_recorded(quickstart):
     assert (run_dir / "recipe.yaml").read_text().count("max_train: 48") == 1
 
 
+@pytest.mark.slow
 def test_training_logged_both_runs(quickstart):
     run_dir, _, _ = quickstart
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -68,12 +70,14 @@ def test_training_logged_both_runs(quickstart):
     assert all(r["kd"] > 0 and 0 < r["covered_mass"] <= 1.0 + 1e-6 for r in distill)
 
 
+@pytest.mark.slow
 def test_cache_manifest_matches_data(quickstart):
     run_dir, _, _ = quickstart
     manifest = json.loads((run_dir / "cache" / "manifest.json").read_text())
     assert manifest["rows"] == 48 and manifest["complete"]
 
 
+@pytest.mark.slow
 def test_report_has_table_plot_and_chat_hint(quickstart):
     run_dir, _, _ = quickstart
     report = (run_dir / "report.md").read_text()
@@ -106,6 +110,7 @@ def test_report_has_table_plot_and_chat_hint(quickstart):
     assert "## Samples" in report and "teacher (12 tokens, cut at max_new_tokens=12)" in report
 
 
+@pytest.mark.slow
 def test_student_loads_with_mlx_lm_and_matches(quickstart):
     import mlx.core as mx
     from mlx_lm import load
@@ -127,6 +132,7 @@ def test_student_loads_with_mlx_lm_and_matches(quickstart):
     assert mx.abs(quantized(tokens) - logits).max().item() < 0.5 * mx.abs(logits).max().item()
 
 
+@pytest.mark.slow
 def test_mlx_lm_generate_cli_offline(quickstart):
     run_dir, _, _ = quickstart
     proc = subprocess.run(
@@ -151,6 +157,7 @@ def test_mlx_lm_generate_cli_offline(quickstart):
     assert "Generation:" in proc.stdout or "tokens-per-sec" in proc.stdout
 
 
+@pytest.mark.slow
 def test_chat_reads_a_pipe(quickstart):
     run_dir, _, _ = quickstart
     pipe = "Ana has 12 apples.\n/reset\nHow many?\n/quit\nnever read\n"
@@ -160,19 +167,20 @@ def test_chat_reads_a_pipe(quickstart):
     assert "[conversation cleared]" in proc.stdout
 
 
+@pytest.mark.slow
 def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
     """--jobs 2 (the default) trains the baseline in a second process; --jobs 1 in-process."""
     import mlx.core as mx
 
-    run_dir, sets, _ = quickstart
-    sets = [f"runs_dir={tmp_path}" if a.startswith("runs_dir=") else a for a in sets]
+    run_dir, args, _ = quickstart
+    args = [f"runs_dir={tmp_path}" if a.startswith("runs_dir=") else a for a in args]
     stages = ("--stage", "tokenizer", "--stage", "teacher", "--stage", "baseline")
     # One BLAS thread, as the side process has: OpenBLAS sums in another order with two threads.
     one_thread = {"OPENBLAS_NUM_THREADS": "1"}
     run_cli(
         "run",
         "recipes/quickstart.yaml",
-        *sets,
+        *args,
         *stages,
         "--jobs",
         "1",
@@ -188,15 +196,16 @@ def test_side_process_baseline_equals_sequential(quickstart, tmp_path):
     assert any(not mx.allclose(side[k], kd[k]).item() for k in side)
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_changes_rerun_downstream(quickstart):
-    run_dir, sets, _ = quickstart
-    again = json.loads(run_cli("run", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    run_dir, args, _ = quickstart
+    again = json.loads(run_cli("run", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert set(again["stages"].values()) == {"skipped"}
     changed = json.loads(
         run_cli(
             "run",
             "recipes/quickstart.yaml",
-            *sets,
+            *args,
             "--set",
             "loss.kd_weight=0.9",
             "--json",
@@ -214,9 +223,10 @@ def test_rerun_skips_and_changes_rerun_downstream(quickstart):
     }
 
 
+@pytest.mark.slow
 def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     """recipes/quickstart_teacher.yaml, shrunk: SentencePiece + a tiny teacher + its eval."""
-    sets = [
+    first = [
         f"runs_dir={tmp_path}",
         "data.max_train=64",
         "tokenizer.vocab_size=160",
@@ -230,9 +240,10 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
         "eval.num_examples=4",
         "eval.max_new_tokens=8",
     ]
-    args = [a for s in sets for a in ("--set", s)]
     summary = json.loads(
-        run_cli("run", "recipes/quickstart_teacher.yaml", *args, "--json", "--no-progress").stdout
+        run_cli(
+            "run", "recipes/quickstart_teacher.yaml", *sets(*first), "--json", "--no-progress"
+        ).stdout
     )
     assert summary["stages"] == {"tokenizer": "ran", "teacher": "ran", "eval": "ran"}
     run_dir = tmp_path / "quickstart_teacher"
@@ -258,8 +269,7 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
         "eval.num_examples=4",
         "eval.max_new_tokens=8",
     ]
-    args = [a for s in more for a in ("--set", s)]
-    run_cli("run", "recipes/quickstart_teacher_more.yaml", *args, "--no-progress")
+    run_cli("run", "recipes/quickstart_teacher_more.yaml", *sets(*more), "--no-progress")
     import mlx.core as mx
 
     first = mx.load(str(teacher / "model.safetensors"))
@@ -268,12 +278,13 @@ def test_teacher_recipe_trains_tokenizer_and_teacher(tmp_path):
     assert all(mx.allclose(first[k], second[k], atol=1e-6).item() for k in first)
 
 
+@pytest.mark.slow
 def test_teach_then_train_run_their_stages_only(tmp_path):
-    sets = [a for s in SHRINK + [f"runs_dir={tmp_path}"] for a in ("--set", s)]
-    taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    args = sets(*SHRINK, f"runs_dir={tmp_path}")
+    taught = json.loads(run_cli("teach", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert taught["stages"] == {"tokenizer": "ran", "teacher": "ran", "cache": "ran"}
     assert not (tmp_path / "quickstart" / "student").exists()
-    trained = json.loads(run_cli("train", "recipes/quickstart.yaml", *sets, "--json").stdout)
+    trained = json.loads(run_cli("train", "recipes/quickstart.yaml", *args, "--json").stdout)
     assert trained["stages"] == {"distill": "ran", "baseline": "ran"}
     assert (tmp_path / "quickstart" / "student" / "model.safetensors").exists()
     assert not (tmp_path / "quickstart" / "report.md").exists()

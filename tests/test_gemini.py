@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_gemini import FakeGemini
+from tiny import GEMINI_KEY, ROOT, gemini_overrides, gemini_recipe
 
 from mlx_distill.cache.records import read_records, records_info, records_verify
 from mlx_distill.errors import BadInput
@@ -21,35 +22,7 @@ from mlx_distill.teachers.base import Teacher
 from mlx_distill.teachers.gemini import GeminiTeacher, run_gemini_teacher
 from mlx_distill.teachers.limits import Limiter, server_retry_delay
 
-KEY = "AIzaFAKE-test-key-7f3c9d"  # distinctive, so a leak is found by grep
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.delenv("GOOGLE_GEMINI_BASE_URL", raising=False)
-    monkeypatch.delenv("GOOGLE_GENAI_API_VERSION", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-def overrides(fake: FakeGemini, **gemini) -> list[str]:
-    base = {
-        "base_url": fake.base_url,
-        "timeout_s": 1,
-        "max_retries": 3,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.05,
-        "rpm": 0,
-        "max_in_flight": 4,
-    }
-    base.update(gemini)
-    return ["teacher.kind=gemini"] + [f"teacher.gemini.{k}={v}" for k, v in base.items()]
-
-
-def recipe(fake: FakeGemini, **gemini):
-    return load_recipe(None, overrides(fake, **gemini))
+pytestmark = pytest.mark.usefixtures("gemini_env")  # conftest.py: GEMINI_API_KEY=GEMINI_KEY
 
 
 def ok_lines(out: Path) -> Counter:
@@ -83,8 +56,8 @@ def test_faults_end_to_end_each_prompt_once(tmp_path):
     prompts = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(list(FAULTY) + plain)]
     prompts.append({"id": "dup", "prompt": plain[0]})  # identical prompt: asked once
     out = tmp_path / "records"
-    with FakeGemini(key=KEY, retry_delay="0.3s", hang_s=2.5) as fake:
-        summary = run_gemini_teacher(recipe(fake), prompts, out, progress=False)
+    with FakeGemini(key=GEMINI_KEY, retry_delay="0.3s", hang_s=2.5) as fake:
+        summary = run_gemini_teacher(gemini_recipe(fake), prompts, out, progress=False)
     expect_ok = sum(v == "ok" for v in FAULTY.values()) + len(plain)
     assert summary["unique"] == len(FAULTY) + len(plain)
     assert (summary["done"], summary["failed"], summary["skipped"]) == (expect_ok, 5, 0)
@@ -118,7 +91,7 @@ def test_faults_end_to_end_each_prompt_once(tmp_path):
     # The key went over the wire as a header but never onto disk.
     for file in out.rglob("*"):
         if file.is_file():
-            assert KEY not in file.read_text(errors="replace"), file
+            assert GEMINI_KEY not in file.read_text(errors="replace"), file
     # v1beta is pinned by default; thinking options reach the wire.
     assert all(r["path"].startswith("/v1beta/models/gemini-2.5-flash:") for r in fake.requests)
     assert fake.requests[0]["body"]["generationConfig"]["thinkingConfig"] == {
@@ -129,12 +102,14 @@ def test_faults_end_to_end_each_prompt_once(tmp_path):
 def test_rerun_skips_and_retry_failed(tmp_path):
     prompts = [{"prompt": "Name a color."}, {"prompt": "Broken. [400]"}]
     out = tmp_path / "records"
-    with FakeGemini(key=KEY) as fake:
-        first = run_gemini_teacher(recipe(fake), prompts, out, progress=False)
+    with FakeGemini(key=GEMINI_KEY) as fake:
+        first = run_gemini_teacher(gemini_recipe(fake), prompts, out, progress=False)
         calls = sum(fake.attempts.values())
-        again = run_gemini_teacher(recipe(fake), prompts, out, progress=False)
+        again = run_gemini_teacher(gemini_recipe(fake), prompts, out, progress=False)
         assert sum(fake.attempts.values()) == calls  # nothing asked twice
-        retried = run_gemini_teacher(recipe(fake), prompts, out, retry_failed=True, progress=False)
+        retried = run_gemini_teacher(
+            gemini_recipe(fake), prompts, out, retry_failed=True, progress=False
+        )
     assert (first["done"], first["failed"]) == (1, 1)
     assert (again["done"], again["failed"], again["skipped"]) == (0, 0, 2)
     assert (retried["done"], retried["failed"], retried["skipped"]) == (0, 1, 1)
@@ -143,8 +118,8 @@ def test_rerun_skips_and_retry_failed(tmp_path):
 
 
 def test_missing_key_and_bad_prompts(tmp_path, monkeypatch):
-    with FakeGemini(key=KEY) as fake:
-        r = recipe(fake)
+    with FakeGemini(key=GEMINI_KEY) as fake:
+        r = gemini_recipe(fake)
         with pytest.raises(BadInput, match="prompt 1: expected an object"):
             run_gemini_teacher(r, [{"prompt": "a"}, {"text": "b"}], tmp_path / "a")
         monkeypatch.delenv("GEMINI_API_KEY")
@@ -157,11 +132,11 @@ def test_run_wide_errors_stop_with_a_fix(tmp_path):
     prompts = [{"prompt": f"Q{i}?"} for i in range(5)]
     with FakeGemini(key="a-different-key") as fake:
         with pytest.raises(BadInput, match="rejected the API key: check GEMINI_API_KEY") as e:
-            run_gemini_teacher(recipe(fake), prompts, tmp_path / "a", progress=False)
-    assert KEY not in str(e.value)
-    with FakeGemini(key=KEY) as fake:
+            run_gemini_teacher(gemini_recipe(fake), prompts, tmp_path / "a", progress=False)
+    assert GEMINI_KEY not in str(e.value)
+    with FakeGemini(key=GEMINI_KEY) as fake:
         with pytest.raises(BadInput, match="does not know model no-such-model on API v1beta"):
-            run_gemini_teacher(recipe(fake, model="no-such-model"), prompts, tmp_path / "b")
+            run_gemini_teacher(gemini_recipe(fake, model="no-such-model"), prompts, tmp_path / "b")
     # Not one failed record per prompt: the run stopped, and a fixed rerun asks them all.
     assert records_info(tmp_path / "a")["rows"] == records_info(tmp_path / "b")["rows"] == 0
 
@@ -169,15 +144,15 @@ def test_run_wide_errors_stop_with_a_fix(tmp_path):
 def test_logprobs_400_detected_once_then_text_only(tmp_path, capsys):
     prompts = [{"prompt": f"Question {i}?"} for i in range(6)]
     out = tmp_path / "records"
-    with FakeGemini(key=KEY, refuse_logprobs=True) as fake:
+    with FakeGemini(key=GEMINI_KEY, refuse_logprobs=True) as fake:
         summary = run_gemini_teacher(
-            recipe(fake, logprobs=5, max_in_flight=1), prompts, out, progress=True
+            gemini_recipe(fake, logprobs=5, max_in_flight=1), prompts, out, progress=True
         )
         asked = [r for r in fake.requests if "generateContent" in r["path"]]
         with_lp = [r for r in asked if r["body"]["generationConfig"].get("responseLogprobs")]
         assert len(with_lp) == 1 and len(asked) == 7
         more = [{"prompt": f"Another {i}?"} for i in range(2)]
-        run_gemini_teacher(recipe(fake, logprobs=5), more, out, progress=False)
+        run_gemini_teacher(gemini_recipe(fake, logprobs=5), more, out, progress=False)
         later = [r for r in fake.requests if "generateContent" in r["path"]][7:]
         assert len(later) == 2 and not any(
             r["body"]["generationConfig"].get("responseLogprobs") for r in later
@@ -194,8 +169,8 @@ def test_logprobs_400_detected_once_then_text_only(tmp_path, capsys):
 
 def test_logprobs_captured_when_served(tmp_path):
     teacher_prompts = ["Say it. [ans=Four apples.]"]
-    with FakeGemini(key=KEY) as fake:
-        r = recipe(fake, logprobs=4)
+    with FakeGemini(key=GEMINI_KEY) as fake:
+        r = gemini_recipe(fake, logprobs=4)
         teacher = GeminiTeacher(r.teacher.gemini)
         assert isinstance(teacher, Teacher) and teacher.id == "gemini/gemini-2.5-flash"
         (completion,) = teacher.generate(teacher_prompts)
@@ -210,12 +185,14 @@ def test_logprobs_captured_when_served(tmp_path):
 def test_max_cost_stops_cleanly(tmp_path):
     prompts = [{"prompt": f"Problem number {i}."} for i in range(20)]
     out = tmp_path / "records"
-    with FakeGemini(key=KEY) as fake:
-        probe = run_gemini_teacher(recipe(fake), prompts[:1], tmp_path / "probe", progress=False)
+    with FakeGemini(key=GEMINI_KEY) as fake:
+        probe = run_gemini_teacher(
+            gemini_recipe(fake), prompts[:1], tmp_path / "probe", progress=False
+        )
         unit = probe["cost_usd"]  # every answer of the fake costs the same here
         limit = 3.5 * unit
         summary = run_gemini_teacher(
-            recipe(fake, max_in_flight=1, max_cost=limit), prompts, out, progress=False
+            gemini_recipe(fake, max_in_flight=1, max_cost=limit), prompts, out, progress=False
         )
     assert unit > 0
     assert summary["stopped"] == "max_cost"
@@ -224,7 +201,7 @@ def test_max_cost_stops_cleanly(tmp_path):
 
 
 def test_api_version_v1_and_env_base_url(tmp_path, monkeypatch):
-    with FakeGemini(key=KEY) as fake:
+    with FakeGemini(key=GEMINI_KEY) as fake:
         monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", fake.base_url)
         r = load_recipe(None, ["teacher.kind=gemini", "teacher.gemini.api_version=v1"])
         (c,) = GeminiTeacher(r.teacher.gemini).generate(["Hi there."])
@@ -267,8 +244,8 @@ def test_kill_and_resume_no_loss_no_duplicates(tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps(p) for p in prompts))
     out = tmp_path / "records"
-    with FakeGemini(key=KEY, latency_s=0.05) as fake:
-        args = overrides(fake, max_in_flight=3)
+    with FakeGemini(key=GEMINI_KEY, latency_s=0.05) as fake:
+        args = gemini_overrides(fake, max_in_flight=3)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         child = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(src), str(out), *args], env=env, cwd=ROOT
@@ -283,7 +260,7 @@ def test_kill_and_resume_no_loss_no_duplicates(tmp_path):
         child.wait()
         durable = {r["prompt"] for r in read_records(out) if r["status"] == "ok"}
         assert 15 <= len(durable) < 60, "the kill must land mid-run"
-        summary = run_gemini_teacher(recipe(fake), prompts, out, progress=False)
+        summary = run_gemini_teacher(gemini_recipe(fake), prompts, out, progress=False)
     assert summary["skipped"] == len(durable) and summary["done"] == 60 - len(durable)
     for prompt in durable:
         assert fake.answered[prompt] == 1, prompt  # durable before the kill: never asked again
@@ -301,7 +278,9 @@ def test_bench_teacher_reports_each_level():
         assert lv["failed"] == 0 and lv["requests"] == 12
         assert lv["requests_per_s"] == pytest.approx(12 / lv["seconds"], rel=0.02)
         assert 0 < lv["client_cpu_ms_per_request"] < 1000 * lv["seconds"] / 12 * 2
-    assert KEY not in json.dumps(report) and os.environ["GEMINI_API_KEY"] == KEY  # restored
+    assert (
+        GEMINI_KEY not in json.dumps(report) and os.environ["GEMINI_API_KEY"] == GEMINI_KEY
+    )  # restored
 
 
 def test_shipped_recipe_and_prompt_set_load():

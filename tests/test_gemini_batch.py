@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import pytest
 from fake_gemini import FakeGemini
-from test_gemini import KEY, _env, recipe  # noqa: F401  (_env: the autouse environment fixture)
+from tiny import GEMINI_KEY, gemini_recipe
 
 from mlx_distill.cache.records import read_records, records_info
 from mlx_distill.teachers import batch
 from mlx_distill.teachers.gemini import run_gemini_teacher
+
+pytestmark = pytest.mark.usefixtures("gemini_env")  # conftest.py: GEMINI_API_KEY=GEMINI_KEY
 
 PROMPTS = [{"id": f"b{i}", "prompt": f"Batch question {i}?"} for i in range(4)]
 PROMPTS.append({"id": "bad", "prompt": "Batch bad one. [400]"})
 
 
 def brecipe(fake, **kw):
-    return recipe(fake, batch=True, poll_interval_s=0.01, **kw)
+    return gemini_recipe(fake, batch=True, poll_interval_s=0.01, **kw)
 
 
 @pytest.mark.parametrize("output", ["inline", "file"])
 def test_batch_round_trip_half_price(tmp_path, output):
-    with FakeGemini(key=KEY, batch_output=output) as fake:
+    with FakeGemini(key=GEMINI_KEY, batch_output=output) as fake:
         summary = run_gemini_teacher(
             brecipe(fake, logprobs=3), PROMPTS, tmp_path / "b", progress=False
         )
-        run_gemini_teacher(recipe(fake, logprobs=3), PROMPTS[:1], tmp_path / "o", progress=False)
+        run_gemini_teacher(
+            gemini_recipe(fake, logprobs=3), PROMPTS[:1], tmp_path / "o", progress=False
+        )
         again = run_gemini_teacher(
             brecipe(fake, logprobs=3), PROMPTS, tmp_path / "b", progress=False
         )
@@ -54,7 +58,7 @@ def test_batch_resume_polls_instead_of_resubmitting(tmp_path, monkeypatch):
     def crash(_seconds):
         raise Interrupted
 
-    with FakeGemini(key=KEY) as fake:
+    with FakeGemini(key=GEMINI_KEY) as fake:
         with monkeypatch.context() as m, pytest.raises(Interrupted):
             m.setattr(batch.time, "sleep", crash)  # dies at its first poll wait
             run_gemini_teacher(brecipe(fake), PROMPTS, out, progress=False)
@@ -75,7 +79,7 @@ def test_batch_found_by_display_name_after_crash_before_name_saved(tmp_path, mon
             raise Interrupted
         real(store, job)
 
-    with FakeGemini(key=KEY) as fake:
+    with FakeGemini(key=GEMINI_KEY) as fake:
         with monkeypatch.context() as m, pytest.raises(Interrupted):
             m.setattr(batch, "_set_job", flaky)
             run_gemini_teacher(brecipe(fake), PROMPTS, out, progress=False)
@@ -86,10 +90,10 @@ def test_batch_found_by_display_name_after_crash_before_name_saved(tmp_path, mon
 
 
 def test_batch_expired_and_logprobs_refused(tmp_path):
-    with FakeGemini(key=KEY, batch_final_state="BATCH_STATE_EXPIRED") as fake:
+    with FakeGemini(key=GEMINI_KEY, batch_final_state="BATCH_STATE_EXPIRED") as fake:
         expired = run_gemini_teacher(brecipe(fake), PROMPTS[:2], tmp_path / "e", progress=False)
     assert expired["failed"] == 2 and "batches/job1 EXPIRED" in next(iter(expired["failures"]))
-    with FakeGemini(key=KEY, refuse_logprobs=True) as fake:
+    with FakeGemini(key=GEMINI_KEY, refuse_logprobs=True) as fake:
         s = run_gemini_teacher(
             brecipe(fake, logprobs=5), PROMPTS[:3], tmp_path / "l", progress=False
         )
@@ -107,7 +111,7 @@ def test_batch_transient_item_errors_are_resubmitted(tmp_path):
         {"prompt": "Batch quota. [429x2]"},
         {"prompt": "Batch down. [500]"},  # always fails: stored as failed after the retries
     ]
-    with FakeGemini(key=KEY) as fake:
+    with FakeGemini(key=GEMINI_KEY) as fake:
         summary = run_gemini_teacher(
             brecipe(fake, max_retries=2, backoff_base_s=0.0),
             prompts,

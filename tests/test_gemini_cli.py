@@ -85,6 +85,7 @@ def stored_lines(tmp: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_max_cost_stop_is_partial_refused_downstream_then_continued(tmp_path):
     items = prompts(8)
     with FakeGemini(key=KEY) as fake:
@@ -146,6 +147,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_change_rpm_after_a_kill_asks_nothing_again(tmp_path):
     items = prompts(10)
     with FakeGemini(key=KEY, latency_s=0.05) as fake:
@@ -170,6 +172,7 @@ def test_change_rpm_after_a_kill_asks_nothing_again(tmp_path):
         assert before >= len(stored) and sum(fake.answered.values()) >= len(items)
 
 
+@pytest.mark.slow
 def test_retry_failed_asks_exactly_the_failed_prompts(tmp_path):
     items = prompts(4, ("Flaky one? [500x3]", "Bad one? [400]"))
     with FakeGemini(key=KEY) as fake:
@@ -194,6 +197,7 @@ def test_retry_failed_asks_exactly_the_failed_prompts(tmp_path):
         assert stage(tmp_path, "cache")["result"]["rows"] == rows_before + 1
 
 
+@pytest.mark.slow
 def test_kill_right_after_the_logprobs_refusal_does_not_meet_it_again(tmp_path):
     items = prompts(6)
     with FakeGemini(key=KEY, refuse_logprobs=True, latency_s=0.1) as fake:

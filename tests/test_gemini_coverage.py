@@ -46,6 +46,7 @@ def gemma_teacher():
     return tokenize, lookup.get
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (available("gemma4") and available("qwen2")), reason="tokenizer fixtures absent"
 )

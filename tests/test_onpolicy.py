@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from kd_reference import reference
-from tiny import random_examples, tiny_model, tiny_tokenizer, train_run, weights
+from tiny import (
+    ROOT,
+    cli,
+    random_examples,
+    sets,
+    tiny_model,
+    tiny_tokenizer,
+    train_run,
+    weights,
+)
 
 from mlx_distill.cache import build_token_cache, open_cache
 from mlx_distill.cache.loader import Loader
@@ -27,7 +35,6 @@ from mlx_distill.train.onpolicy import (
 )
 from mlx_distill.train.sampler import sample_completions
 
-ROOT = Path(__file__).resolve().parents[1]
 V = 41
 EOS = 1
 
@@ -346,15 +353,10 @@ def test_template_mismatch_is_refused(tmp_path):
 
 
 def test_cli_refuses_on_policy_with_gemini_before_any_work(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_distill", "run", "recipes/gemini_to_qwen2.5-0.5b_seqkd.yaml"]
-        + ["--set", "distill.mode=on_policy", "--set", f"runs_dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = cli(
+        "run",
+        "recipes/gemini_to_qwen2.5-0.5b_seqkd.yaml",
+        *sets("distill.mode=on_policy", f"runs_dir={tmp_path}"),
         timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import ROOT, cli
 
 from mlx_distill.models import model_config_dict, model_from_config
@@ -16,7 +17,8 @@ from mlx_distill.recipe import LoraConfig, ModelConfig, StudentConfig
 # config's second step, with nothing of the previous config left alive.
 MEASURE = """
 import json, sys
-import mlx_distill
+from mlx_distill import backend
+backend.setup()
 import mlx.core as mx, mlx.optimizers as optim, numpy as np
 from mlx_distill.models import build_model
 from mlx_distill.models.adapters import apply_adapters
@@ -79,6 +81,7 @@ def _predicted(c):
     return sum(terms.values())
 
 
+@pytest.mark.slow
 def test_predicted_peak_within_25_percent_of_measured():
     arg = json.dumps([dict(c, model=MODEL) for c in CONFIGS])
     proc = subprocess.run(

@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_runs import main, one_line, sets, tree
+from tiny import ROOT, main, one_line, quickstart_sets, tree
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_TOK = ROOT / "data/quickstart/teacher"
 SYSTEM_ROW = {
     "messages": [
@@ -42,7 +41,9 @@ def test_a_template_that_rejects_a_record_is_refused_before_any_work(monkeypatch
     data = _data(tmp_path, SYSTEM_ROW)
     runs = tmp_path / "runs"
     extra = (f"tokenizer.path={folder}", f"teacher.path={folder}", f"data.train={data}")
-    code, _, err = main(monkeypatch, capsys, "run", "recipes/quickstart.yaml", *sets(runs, *extra))
+    code, _, err = main(
+        monkeypatch, capsys, "run", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
+    )
     assert one_line(code, err) == (
         f"error: {data} line 3: the tokenizer's chat template cannot render it: System role not "
         f"supported (chat template of the tokenizer in {folder})"
@@ -66,7 +67,7 @@ def test_the_teachers_own_template_is_checked_on_the_test_split(monkeypatch, cap
         capsys,
         "run",
         "recipes/quickstart.yaml",
-        *sets(runs, *extra),
+        *quickstart_sets(runs, *extra),
         "--stage",
         "eval",
     )
@@ -101,7 +102,11 @@ def test_bad_messages_rows_are_refused_with_file_and_line(
     data = _data(tmp_path, SYSTEM_ROW, row)
     runs = tmp_path / "runs"
     code, _, err = main(
-        monkeypatch, capsys, "run", "recipes/quickstart.yaml", *sets(runs, f"data.train={data}")
+        monkeypatch,
+        capsys,
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, f"data.train={data}"),
     )
     assert one_line(code, err) == f"error: {data} line 4: {message}"
     assert not runs.exists()

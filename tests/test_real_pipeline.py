@@ -15,6 +15,8 @@ import pytest
 from real_tokenizers import FACTS, available, tokenizer_dir
 from tiny import ROOT, true_spans
 
+pytestmark = pytest.mark.slow  # pipeline_run: a whole `mlx-distill run` per tokenizer
+
 # A handful of rows to overfit: system prompts, two assistant turns in one row, and a
 # prompt/completion row (one user and one assistant turn). Each row's answers are one word, so
 # a few full-batch steps learn them.

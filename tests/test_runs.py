@@ -6,7 +6,6 @@ works on its own copy. Refusals go through `cli.main` in this process (no new in
 case); the kill test needs real processes.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,59 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import ROOT, cli
-
-TINY = [
-    "data.max_train=16",
-    "cache.shard_rows=8",
-    "train.steps=2",
-    "train.batch_size=4",
-    "train.log_every=1",
-    "data.valid=null",  # no validation pass over 500 rows
-]
-
-
-def sets(runs: Path, *extra: str) -> list[str]:
-    return [a for s in [*TINY, f"runs_dir={runs}", *extra] for a in ("--set", s)]
-
-
-def main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`mlx-distill ARGS` in this process: (exit code, stdout, stderr)."""
-    from mlx_distill import cli as command
-
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["mlx-distill", *args])
-    capsys.readouterr()
-    code = 0
-    try:
-        command.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(code: int, err: str) -> str:
-    """The single error line of a refusal (exit 2, nothing else on stderr)."""
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
-def tree(path: Path) -> dict[str, str]:
-    """sha256 of every file under `path` (empty when it does not exist)."""
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
+from tiny import ROOT, cli, main, one_line, quickstart_sets, tree
 
 
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     runs = tmp_path_factory.mktemp("taught")
-    proc = cli("teach", "recipes/quickstart.yaml", *sets(runs), "--no-progress")
+    proc = cli("teach", "recipes/quickstart.yaml", *quickstart_sets(runs), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs / "quickstart"
 
@@ -88,10 +41,12 @@ def test_refused_train_names_the_field_and_rewrites_nothing(run, monkeypatch, ca
     runs, run_dir = run
     before = tree(run_dir)
     code, _, err = main(
-        monkeypatch, capsys, "train", "recipes/quickstart.yaml", *sets(runs, "cache.k=8")
+        monkeypatch, capsys, "train", "recipes/quickstart.yaml", *quickstart_sets(runs, "cache.k=8")
     )
     line = one_line(code, err)
-    rebuild = " ".join(["mlx-distill run recipes/quickstart.yaml --stage cache", *sets(runs)])
+    rebuild = " ".join(
+        ["mlx-distill run recipes/quickstart.yaml --stage cache", *quickstart_sets(runs)]
+    )
     assert line == (
         "error: cache.k changed 16 -> 8 since the teacher cache was built; the distill stage "
         f"reads it, so rebuild it first: {rebuild} --set cache.k=8"
@@ -104,7 +59,7 @@ def test_refused_train_on_cache_temperature(run, monkeypatch, capsys):
     before = tree(run_dir)
     extra = ("cache.temperature=1.0", "loss.temperature=1.0")
     code, _, err = main(
-        monkeypatch, capsys, "train", "recipes/quickstart.yaml", *sets(runs, *extra)
+        monkeypatch, capsys, "train", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
     )
     line = one_line(code, err)
     assert line.startswith("error: cache.temperature changed 2.0 -> 1.0 since the teacher cache")
@@ -125,7 +80,7 @@ def test_refused_train_on_tokenizer_path(run, monkeypatch, capsys, tmp_path):
         capsys,
         "train",
         "recipes/quickstart.yaml",
-        *sets(runs, f"tokenizer.path={tok}"),
+        *quickstart_sets(runs, f"tokenizer.path={tok}"),
     )
     line = one_line(code, err)
     assert line.startswith(
@@ -148,7 +103,11 @@ def test_non_utf8_data_file_names_file_and_line(run, monkeypatch, capsys, tmp_pa
     )
     before = tree(run_dir)
     code, _, err = main(
-        monkeypatch, capsys, "run", "recipes/quickstart.yaml", *sets(runs, f"data.train={bad}")
+        monkeypatch,
+        capsys,
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, f"data.train={bad}"),
     )
     line = one_line(code, err)
     assert line.startswith(f"error: {bad} line 3: not UTF-8 (byte b'\\xe9' at column ")
@@ -168,7 +127,7 @@ def test_broken_tokenizer_json_is_named_with_its_folder(monkeypatch, capsys, tmp
     runs = tmp_path / "runs"
     extra = (f"tokenizer.path={teacher}", f"teacher.path={teacher}")
     code, _, err = main(
-        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *sets(runs, *extra)
+        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
     )
     line = one_line(code, err)
     assert line.startswith(f"error: {teacher / 'tokenizer.json'} line ")
@@ -181,7 +140,7 @@ def test_teacher_without_safetensors_is_refused_before_any_stage(monkeypatch, ca
     runs = tmp_path / "runs"
     extra = (f"tokenizer.path={teacher}", f"teacher.path={teacher}")
     code, _, err = main(
-        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *sets(runs, *extra)
+        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
     )
     line = one_line(code, err)
     assert line == (
@@ -197,7 +156,7 @@ def test_broken_chat_template_is_named(monkeypatch, capsys, tmp_path):
     runs = tmp_path / "runs"
     extra = (f"tokenizer.path={teacher}", f"teacher.path={teacher}")
     code, _, err = main(
-        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *sets(runs, *extra)
+        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
     )
     line = one_line(code, err)
     assert line.startswith(f"error: {teacher / 'chat_template.jinja'} line 1: the chat template")
@@ -220,7 +179,9 @@ def test_pretrained_student_needs_its_own_tokenizer(monkeypatch, capsys, tmp_pat
     student = _other_vocab_model(tmp_path)
     runs = tmp_path / "runs"
     extra = ("student.init=pretrained", f"student.path={student}")
-    code, _, err = main(monkeypatch, capsys, "run", "recipes/quickstart.yaml", *sets(runs, *extra))
+    code, _, err = main(
+        monkeypatch, capsys, "run", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
+    )
     line = one_line(code, err)
     assert line.startswith(
         "error: recipe key tokenizer.path: the tokenizer in data/quickstart/teacher (vocab hash "
@@ -237,7 +198,9 @@ def test_pretrained_student_without_tokenizer_path(monkeypatch, capsys, tmp_path
         capsys,
         "run",
         "recipes/quickstart.yaml",
-        *sets(runs, "tokenizer.path=null", "teacher.path=null", "student.init=pretrained"),
+        *quickstart_sets(
+            runs, "tokenizer.path=null", "teacher.path=null", "student.init=pretrained"
+        ),
         *("--set", f"student.path={student}"),
     )
     line = one_line(code, err)
@@ -319,7 +282,9 @@ def test_held_run_is_refused_with_the_holders_pid(run, monkeypatch, capsys):
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)
         before = tree(run_dir)
-        code, _, err = main(monkeypatch, capsys, "train", "recipes/quickstart.yaml", *sets(runs))
+        code, _, err = main(
+            monkeypatch, capsys, "train", "recipes/quickstart.yaml", *quickstart_sets(runs)
+        )
         assert one_line(code, err) == (
             f"error: {run_dir} is in use by pid 424242 (another mlx-distill command on this run); "
             "wait for it to finish or stop it, then rerun"
@@ -337,11 +302,12 @@ def _gone(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monkeypatch, capsys):
     runs, run_dir = run
     parent = subprocess.Popen(
         [sys.executable, "-m", "mlx_distill", "train", "recipes/quickstart.yaml"]
-        + sets(runs, "train.steps=100000")
+        + quickstart_sets(runs, "train.steps=100000")
         + ["--no-progress"],
         cwd=ROOT,
         stderr=subprocess.PIPE,
@@ -355,7 +321,9 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
             break  # the side process is training (its own log line)
     assert side is not None, "no side process started"
     # While it runs, a second command on the same run is refused with the holder's pid.
-    code, _, err = main(monkeypatch, capsys, "train", "recipes/quickstart.yaml", *sets(runs))
+    code, _, err = main(
+        monkeypatch, capsys, "train", "recipes/quickstart.yaml", *quickstart_sets(runs)
+    )
     assert f"is in use by pid {parent.pid} " in one_line(code, err)
 
     parent.send_signal(signal.SIGKILL)
@@ -366,7 +334,9 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
     assert _gone(side), f"side process {side} outlived its killed parent"
 
     # The dead parent's lock is taken over; the run then trains to the end.
-    proc = cli("train", "recipes/quickstart.yaml", *sets(runs), "--no-progress", "--json")
+    proc = cli(
+        "train", "recipes/quickstart.yaml", *quickstart_sets(runs), "--no-progress", "--json"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[run] took over the lock of pid {parent.pid} (gone)" in proc.stderr
     assert json.loads(proc.stdout)["stages"] == {"distill": "ran", "baseline": "ran"}
@@ -381,7 +351,7 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
     # Rebuilding the cache with another k leaves the trained student out of date: `eval` on the
     # run refuses (its recipe.yaml no longer describes that student) and writes nothing.
     code, _, err = main(
-        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *sets(runs, "cache.k=8")
+        monkeypatch, capsys, "teach", "recipes/quickstart.yaml", *quickstart_sets(runs, "cache.k=8")
     )
     assert code == 0, err
     before = tree(run_dir)

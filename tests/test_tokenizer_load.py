@@ -102,6 +102,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_exported_student_and_samples_stop_at_the_end_of_turn(case, qwen2_base, tmp_path):
     from mlx_lm import load, stream_generate

@@ -7,8 +7,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from test_trainer import _examples, _Interrupting, _model
-from tiny import train_run, weights
+from tiny import InterruptingLoader, train_run, trainer_examples, trainer_student, weights
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.errors import BadInput
@@ -18,8 +17,8 @@ from mlx_distill.train.step import make_master, make_step
 
 def _run(tmp_path, name, steps=4, **kw):
     cfg = TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup=1, log_every=1, **kw)
-    model = _model()
-    loader = Loader(_examples(seed=5), batch_size=8, seq_len=16, seed=2)
+    model = trainer_student()
+    loader = Loader(trainer_examples(seed=5), batch_size=8, seq_len=16, seed=2)
     train_run(tmp_path, model, loader, cfg, LossConfig(kind="ce"), name)
     return weights(model)
 
@@ -36,7 +35,7 @@ def test_grad_accum_equals_the_larger_batch(tmp_path):
 def test_grad_checkpoint_gives_the_same_weights(tmp_path):
     plain = _run(tmp_path, "plain")
     ckpt = _run(tmp_path, "ckpt", grad_checkpoint=True)
-    model = _model()  # the block classes are restored after training
+    model = trainer_student()  # the block classes are restored after training
     assert not type(model.layers[0]).__name__.startswith("Checkpointed")
     for key, value in plain.items():
         np.testing.assert_allclose(ckpt[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
@@ -75,14 +74,14 @@ def test_bf16_small_updates_land_in_fp32_master_weights():
 
 
 def test_bf16_training_casts_the_model_and_keeps_fp32_masters(tmp_path):
-    model = _model()
+    model = trainer_student()
     cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup=1, log_every=1, dtype="bfloat16")
-    loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
+    loader = Loader(trainer_examples(), batch_size=8, seq_len=16, seed=0)
     train_run(tmp_path, model, loader, cfg, None, "bf16")
     assert model.model.embed_tokens.weight.dtype == mx.bfloat16
     saved = mx.load(str(tmp_path / "bf16" / "step-000003" / "model.safetensors"))
     assert all(v.dtype == mx.float32 for v in saved.values())
-    loaded = _model()
+    loaded = trainer_student()
     loaded.set_dtype(mx.bfloat16)
     assert np.array_equal(  # the checkpoint holds the masters the bf16 weights came from
         np.array(saved["model.embed_tokens.weight"].astype(mx.bfloat16).astype(mx.float32)),
@@ -99,14 +98,14 @@ def test_killed_run_resumes_exactly(tmp_path, options):
     cfg = TrainConfig(
         steps=5, batch_size=4, lr=5e-3, warmup=2, log_every=1, checkpoint_every=2, **options
     )
-    examples = _examples()
-    whole = _model()
+    examples = trainer_examples()
+    whole = trainer_student()
     train_run(tmp_path, whole, Loader(examples, batch_size=4, seq_len=16, seed=1), cfg, None, "a")
-    killed = _model()
+    killed = trainer_student()
     with pytest.raises(KeyboardInterrupt):
-        loader = _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4)
+        loader = InterruptingLoader(examples, batch_size=4, seq_len=16, seed=1, at=4)
         train_run(tmp_path, killed, loader, cfg, None, "b")
-    resumed = _model()
+    resumed = trainer_student()
     result = train_run(
         tmp_path, resumed, Loader(examples, batch_size=4, seq_len=16, seed=1), cfg, None, "b"
     )

@@ -4,40 +4,16 @@ import json
 
 import numpy as np
 import pytest
-from tiny import counting_examples, tiny_student, train_run, weights
+from tiny import InterruptingLoader, train_run, trainer_examples, trainer_student, weights
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.recipe import LossConfig, TrainConfig
 
-VOCAB = 23
-
-
-def _examples(n=40, seed=0):
-    return counting_examples(n, VOCAB, seed, 6, 14, prompt=2)
-
-
-def _model():
-    return tiny_student(VOCAB, 3)[0]
-
-
-class _Interrupting(Loader):
-    """A loader that stops the process (as a kill would) when batch `at` is requested."""
-
-    def __init__(self, *args, at, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.at, self.count = at, 0
-
-    def __next__(self):
-        self.count += 1
-        if self.count == self.at:
-            raise KeyboardInterrupt
-        return super().__next__()
-
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path):
-    model = _model()
+    model = trainer_student()
     cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=3, log_every=5)
-    loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
+    loader = Loader(trainer_examples(), batch_size=8, seq_len=16, seed=0)
     result = train_run(tmp_path, model, loader, cfg, None, "baseline", "fp")
     rows = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
@@ -48,9 +24,9 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path):
 @pytest.mark.parametrize("loss_cfg", [None, LossConfig(kind="ce")])
 def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
     cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup=2, log_every=1, checkpoint_every=2)
-    examples = _examples()
+    examples = trainer_examples()
 
-    whole = _model()
+    whole = trainer_student()
     train_run(
         tmp_path,
         whole,
@@ -61,19 +37,19 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
         "fp",
     )
 
-    killed = _model()
+    killed = trainer_student()
     with pytest.raises(KeyboardInterrupt):
         train_run(
             tmp_path,
             killed,
-            _Interrupting(examples, batch_size=4, seq_len=16, seed=1, at=4),
+            InterruptingLoader(examples, batch_size=4, seq_len=16, seed=1, at=4),
             cfg,
             loss_cfg,
             "b",
             "fp",
         )
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-000002"]
-    resumed = _model()
+    resumed = trainer_student()
     result = train_run(
         tmp_path,
         resumed,
@@ -93,10 +69,22 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, loss_cfg):
 def test_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, log_every=1)
     train_run(
-        tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "one"
+        tmp_path,
+        trainer_student(),
+        Loader(trainer_examples(), batch_size=4, seq_len=16),
+        cfg,
+        None,
+        "r",
+        "one",
     )
     result = train_run(
-        tmp_path, _model(), Loader(_examples(), batch_size=4, seq_len=16), cfg, None, "r", "two"
+        tmp_path,
+        trainer_student(),
+        Loader(trainer_examples(), batch_size=4, seq_len=16),
+        cfg,
+        None,
+        "r",
+        "two",
     )
     assert result.resumed_from == 0
 
@@ -106,7 +94,7 @@ def test_validation_loss_every_eval_every_steps(tmp_path):
 
     from mlx_distill.evaluate import perplexity
 
-    valid = _examples(n=12, seed=5)
+    valid = trainer_examples(n=12, seed=5)
     seen = []
 
     def validate(model):
@@ -114,9 +102,9 @@ def test_validation_loss_every_eval_every_steps(tmp_path):
         seen.append(loss)
         return loss
 
-    model = _model()
+    model = trainer_student()
     cfg = TrainConfig(steps=7, batch_size=8, lr=1e-2, warmup=2, log_every=5, eval_every=3)
-    loader = Loader(_examples(), batch_size=8, seq_len=16, seed=0)
+    loader = Loader(trainer_examples(), batch_size=8, seq_len=16, seed=0)
     train_run(
         tmp_path, model, loader, cfg, None, "r", metrics=tmp_path / "m.jsonl", validate=validate
     )

@@ -1,10 +1,14 @@
-"""Tiny models, tokenizers and examples, a training run and the command line, as the tests
-share them (no tests here)."""
+"""What the tests share (no tests here): tiny models, tokenizers and examples, a training run
+and the trainer tests' student, data and interrupting loader; the quickstart recipe shrunk to
+seconds and the `--set` flattening; the command line in a subprocess (`cli`) or in this process
+(`main`, `one_line`, `tree`); free loopback ports; the Gemini tests' key and recipe."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +17,25 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_distill.cache.loader import Loader
 from mlx_distill.text.examples import TokenizedExample
 
 ROOT = Path(__file__).resolve().parents[1]
 # A scratch student small enough for a test to train it for tens of steps.
 SMALL = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+# recipes/quickstart.yaml shrunk to seconds: 16 rows in 2 cache shards, 2 steps of 4 rows, no
+# validation pass over 500 rows. A test that needs more appends its own `--set`s after these
+# (the last `--set` of a key wins).
+QUICKSTART_TINY = (
+    "data.max_train=16",
+    "cache.shard_rows=8",
+    "train.steps=2",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "data.valid=null",
+)
+TRAINER_VOCAB = 23  # the vocabulary of trainer_examples and trainer_student
+GEMINI_KEY = "AIzaFAKE-test-key-7f3c9d"  # distinctive, so a leak is found by grep
 
 
 def tiny_tokenizer(size: int):
@@ -177,3 +195,106 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600, **kw):
         env=dict(os.environ, **(env or {})),
         **kw,
     )
+
+
+def sets(*overrides: str) -> list[str]:
+    """The command-line form of `overrides` ("key=value" each): ["--set", o1, "--set", o2, ...]."""
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def quickstart_sets(runs: Path, *extra: str) -> list[str]:
+    """`--set`s for the tiny quickstart (QUICKSTART_TINY) under `runs`, then `extra`."""
+    return sets(*QUICKSTART_TINY, f"runs_dir={runs}", *extra)
+
+
+def main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`mlx-distill ARGS` in this process, from the repository root: (exit code, stdout,
+    stderr)."""
+    from mlx_distill import cli as command
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["mlx-distill", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        command.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str) -> str:
+    """The single error line of a refusal (exit 2, nothing else on stderr)."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (empty when it does not exist)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def trainer_examples(n: int = 40, seed: int = 0):
+    """The trainer tests' data: counting sequences of 6-13 tokens over TRAINER_VOCAB ids, the
+    first 2 untrained."""
+    return counting_examples(n, TRAINER_VOCAB, seed, 6, 14, prompt=2)
+
+
+def trainer_student():
+    """The trainer tests' scratch student (SMALL, seed 3) over TRAINER_VOCAB ids."""
+    return tiny_student(TRAINER_VOCAB, 3)[0]
+
+
+class InterruptingLoader(Loader):
+    """A loader that stops the process (as a kill would) when batch `at` is requested."""
+
+    def __init__(self, *args, at, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.count = at, 0
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.at:
+            raise KeyboardInterrupt
+        return super().__next__()
+
+
+def gemini_overrides(fake, **gemini) -> list[str]:
+    """Recipe overrides for a Gemini teacher at the loopback fake (`fake_gemini.FakeGemini`):
+    short timeouts and backoffs, no rate limit; `gemini`: teacher.gemini keys to change."""
+    base = {
+        "base_url": fake.base_url,
+        "timeout_s": 1,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "rpm": 0,
+        "max_in_flight": 4,
+    }
+    base.update(gemini)
+    return ["teacher.kind=gemini"] + [f"teacher.gemini.{k}={v}" for k, v in base.items()]
+
+
+def gemini_recipe(fake, **gemini):
+    """The default recipe with `gemini_overrides(fake, **gemini)`."""
+    from mlx_distill.recipe import load_recipe
+
+    return load_recipe(None, gemini_overrides(fake, **gemini))

@@ -32,6 +32,7 @@ def quickstart(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     args = sets(*SHRINK, f"runs_dir={runs}")
     proc = run_cli("run", "recipes/quickstart.yaml", *args, "--json", "--no-progress")
+    (runs / "stderr.txt").write_text(proc.stderr)  # both processes' log lines
     return runs / "quickstart", args, json.loads(proc.stdout)
 
 
@@ -52,6 +53,16 @@ def test_every_stage_ran_and_recorded(quickstart):
         info = json.loads((run_dir / stage / "stage.json").read_text())
         assert info["status"] == "done" and len(info["fingerprint"]) == 16
     assert (run_dir / "recipe.yaml").read_text().count("max_train: 48") == 1
+
+
+@pytest.mark.slow
+def test_memory_plan_is_checked_once_with_the_baseline_beside(quickstart):
+    """The baseline's side process runs under its parent's plan (which covered both trainings
+    side by side); it neither plans nor prints the table again."""
+    run_dir, _, _ = quickstart
+    err = (run_dir.parent / "stderr.txt").read_text()
+    assert "[baseline] running beside distill" in err
+    assert err.count("memory plan (") == 1
 
 
 @pytest.mark.slow

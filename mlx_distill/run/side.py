@@ -152,5 +152,6 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def is_side_process() -> bool:
-    """Whether the side-process variable is set in this process's environment."""
-    return bool(os.environ.get(PARENT_ENV))
+    """Whether `spawn` started this process (`watch_parent` consumes the variable early in the
+    CLI, so what it found is remembered)."""
+    return bool(os.environ.get(PARENT_ENV)) or "pid" in _parent

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_distill.errors import BadInput
-from mlx_distill.kernels.native import NativeRows, native_backend
+from mlx_distill.kernels import native
 from mlx_distill.kernels.rows import PortableRows
 from mlx_distill.kernels.targets import SparseTargets
 
@@ -122,7 +122,7 @@ def check_native(make_rows, loss) -> None:
 
 def _make_native():
 
-    return NativeRows(native_backend())
+    return native.NativeRows(native.native_backend())
 
 
 def rows_for(spec, dtype, loss):
@@ -136,7 +136,7 @@ def rows_for(spec, dtype, loss):
     if forced == "portable":
         return _PORTABLE
 
-    if native_backend() is None:
+    if native.native_backend() is None:
         if forced == "native":
             raise BadInput(f"{ENV}=native, but MLX has no Metal or CUDA backend here")
         return _PORTABLE
@@ -163,17 +163,17 @@ def backend_label() -> str:
 
 def kernel_status() -> dict:
     """Which row pass runs here and why: {"native", "state", "reason", "backend"}."""
-    native = native_backend()
+    found = native.native_backend()
     state, reason = _state["state"], _state["reason"]
     try:
         forced = _forced()
     except BadInput as e:
         forced, state, reason = None, "error", str(e)
-    if native is None:
+    if found is None:
         state, reason = "unavailable", "no Metal or CUDA backend in this MLX build"
     elif forced == "portable":
         state, reason = "forced-portable", f"{ENV}=portable"
-    return {"native": native, "state": state, "reason": reason, "backend": backend_label()}
+    return {"native": found, "state": state, "reason": reason, "backend": backend_label()}
 
 
 def reset() -> None:

@@ -377,7 +377,7 @@ def main() -> None:
 
     watch_parent()  # a side process: exit with the parent, even while still starting up
     backend.setup()  # the fast BLAS on Linux CPU, before anything imports mlx.core
-    from mlx_distill.train.distributed import mark_launched, report_exit
+    from mlx_distill.train.launched import mark_launched, report_exit
 
     mark_launched()  # a rank of `--hosts`
     code = _main("--debug" in sys.argv)

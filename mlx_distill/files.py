@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably (temp file, fsync, rename)."""
+def write_chunks_atomic(path: str | Path, chunks: Iterable[bytes]) -> str:
+    """Replace `path` with the concatenated `chunks` atomically and durably (temp file, fsync,
+    rename, fsync of the folder). Returns the sha256 of what was written.
+
+    The temp file (`NAME.tmp<pid>`, so two processes never share one) is removed if writing
+    fails; one left by a killed process is never read as the file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                digest.update(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+    return digest.hexdigest()
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably."""
+    write_chunks_atomic(path, [data])
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

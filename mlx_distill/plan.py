@@ -210,7 +210,6 @@ def _vocab(recipe: Recipe) -> int:
 
 
 def _teacher_skeleton(recipe: Recipe) -> tuple[nn.Module, dict] | None:
-
     t = recipe.teacher
     if t.kind != "local":
         return None

@@ -35,16 +35,14 @@ tokens carry no targets, so the figure per token of a chat cache is lower.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlx_distill.errors import BadInput
-from mlx_distill.files import write_json_atomic
+from mlx_distill.files import write_chunks_atomic, write_json_atomic
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -179,16 +177,8 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, s
         blobs.append(data)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # safetensors pads the header to 8-byte alignment
-    digest = hashlib.sha256()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in (len(head).to_bytes(8, "little"), head, *blobs):
-            f.write(chunk)
-            digest.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    sha256 = write_chunks_atomic(path, (len(head).to_bytes(8, "little"), head, *blobs))
+    return {"bytes": path.stat().st_size, "sha256": sha256}
 
 
 def read_shard(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

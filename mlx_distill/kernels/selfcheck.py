@@ -121,7 +121,6 @@ def check_native(make_rows, loss) -> None:
 
 
 def _make_native():
-
     return native.NativeRows(native.native_backend())
 
 

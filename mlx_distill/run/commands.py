@@ -12,7 +12,8 @@ from mlx_distill.cache import verify_cache
 from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput
 from mlx_distill.files import file_sha256
-from mlx_distill.recipe import STAGES, load_recipe
+from mlx_distill.recipe import load_recipe
+from mlx_distill.run import table
 from mlx_distill.run.fingerprints import rebuild_command, refuse_stale, stage_inputs, why_stale
 from mlx_distill.run.lock import RunLock
 from mlx_distill.run.preflight import check_inputs
@@ -42,7 +43,7 @@ def evaluate_in_place(run_dir: Path, progress: bool = True) -> dict:
     ctx = run_context(Path(run_dir), progress and dist.is_main())
     if not dist.is_main():
         ctx.log = lambda msg: None
-    enabled = [s for s in STAGES if s in ctx.recipe.stages]
+    enabled = table.enabled(ctx.recipe)
     dist.agree(lambda: check_inputs(ctx.recipe, ["eval"]))
     prints, inputs = stage_inputs(ctx.recipe)
     with RunLock(ctx.run_dir, log=ctx.log) as lock:
@@ -78,7 +79,7 @@ def repair_cache(cache_dir: Path, progress: bool = True) -> dict:
         or file_sha256(cache_dir / s["file"]) != s.get("sha256")
     ]
     prints, inputs = stage_inputs(ctx.recipe)
-    enabled = [s for s in STAGES if s in ctx.recipe.stages]
+    enabled = table.enabled(ctx.recipe)
     with RunLock(ctx.run_dir, log=ctx.log) as lock:
         lock.check()
         info = read_stage(ctx, "cache") or {}

@@ -63,11 +63,6 @@ def stage_inputs(
     return prints, inputs
 
 
-def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
-    """Fingerprint of every stage, upstream first."""
-    return stage_inputs(recipe)[0]
-
-
 def contents(ctx: Context) -> dict[str, str]:
     """{stage: result["content"]} of the stages that report one."""
     out = {}

@@ -28,11 +28,10 @@ import threading
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
-from mlx_distill.train.distributed import LAUNCHED_ENV
+from mlx_distill.train.launched import EXIT_LINE, LAUNCHED_ENV
 
 PORT_ENV = "MLX_DISTILL_PORT"  # first ring port for remote hosts (default: mlx.launch's 32323)
 FORWARD_ENV = ("OPENBLAS_NUM_THREADS", "MLX_DISTILL_TIMEOUT", "MLX_DISTILL_BLAS")
-EXIT_LINE = re.compile(r"^\[mlx-distill\] rank (\d+) exit (-?\d+)\s*$")
 # mlx.launch's own per-rank lines ("[WARN] Node with rank 1 exited with code 2"): replaced by ours
 LAUNCHER_LINE = re.compile(r"\[WARN\] Node with rank \d+ (exited with code|was killed)")
 LOCAL = "127.0.0.1"

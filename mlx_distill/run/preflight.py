@@ -64,7 +64,6 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
 
 
 def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> None:
-
     seen = set()
     try:
         encoder = ChatEncoder(tokenizer, max_len=1 << 30, train_on=train_on)

@@ -10,9 +10,11 @@ fingerprint, status, timings, versions and the body's summary.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from functools import partial
 
@@ -21,8 +23,7 @@ from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput, StageIncomplete
 from mlx_distill.files import write_json_atomic, write_text_atomic
 from mlx_distill.plan import check_recipe, format_table
-from mlx_distill.recipe import STAGES
-from mlx_distill.run import side
+from mlx_distill.run import side, table
 from mlx_distill.run.fingerprints import contents, refuse_stale, stage_inputs
 from mlx_distill.run.lock import RunLock
 from mlx_distill.run.preflight import check_inputs
@@ -85,7 +86,7 @@ def run_stages(ctx: Context, only: list[str] | None = None, force: bool = False)
     what the stage reads).
     """
     recipe = ctx.recipe
-    enabled = [s for s in STAGES if s in recipe.stages]
+    enabled = table.enabled(recipe)
     for name in only or []:
         if name not in enabled:
             raise BadInput(
@@ -184,7 +185,7 @@ def _run_selected(ctx, selected, prints, inputs, force, current, made) -> dict[s
     for name in selected:
         fp = prints[name]
         if name == "baseline" and proc is not None:
-            outcome[name] = side.join(ctx, proc, name, fp)
+            outcome[name] = _join_side(ctx, proc, name, fp)
             proc = None
             continue
         info = dist.on_main(partial(_start, ctx, name, fp, inputs, force, current))
@@ -193,10 +194,11 @@ def _run_selected(ctx, selected, prints, inputs, force, current, made) -> dict[s
             continue
         baseline_pending = "baseline" in selected and (force or not current("baseline"))
         if name == "distill" and ctx.jobs > 1 and baseline_pending:  # jobs is 1 in a group
-            proc = side.spawn(ctx, "baseline", force)
+            proc = _spawn_side(ctx, "baseline", force)
         try:
             with side.blas_share(proc is not None):
-                result = run_body(dataclasses.replace(ctx, fingerprint=fp), name)
+                # rank 0's fingerprint on every rank (each rank hashed its own copy of the files)
+                result = run_body(dataclasses.replace(ctx, fingerprint=info["fingerprint"]), name)
         except BaseException as e:
             if dist.is_main():
                 status = "incomplete" if isinstance(e, StageIncomplete) else "failed"
@@ -215,3 +217,27 @@ def _run_selected(ctx, selected, prints, inputs, force, current, made) -> dict[s
             prints.update(new_prints)
             inputs.update(new_inputs)
     return outcome
+
+
+def _spawn_side(ctx: Context, name: str, force: bool) -> subprocess.Popen:
+    """Run stage `name` of the resolved recipe in a second process (same run directory), under
+    this process's run lock; it exits when this process dies."""
+    cmd = [sys.executable, "-m", "mlx_distill", "run", str(ctx.run_dir / "recipe.yaml")]
+    cmd += ["--stage", name, "--jobs", "1", "--bar-position", str(ctx.bar_position + 1)]
+    cmd += ["--force"] if force else []
+    cmd += [] if ctx.progress else ["--no-progress"]
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(side.half_cores()[1]))
+    proc = side.spawn_side(cmd, env)
+    ctx.log(f"[{name}] running beside distill (second process, pid {proc.pid})")
+    return proc
+
+
+def _join_side(ctx: Context, proc: subprocess.Popen, name: str, fp: str) -> str:
+    """Wait for a side process; its stage must have finished with the expected fingerprint."""
+    code = proc.wait()
+    side.close_side(proc)
+    info = read_stage(ctx, name) or {}
+    if code != 0 or info.get("status") != "done" or info.get("fingerprint") != fp:
+        message = f"stage {name} failed in its side process (exit code {code}; error above)"
+        raise (BadInput if code == 2 else RuntimeError)(message)
+    return "ran"  # the side process logged its own "done" line

@@ -1,4 +1,5 @@
-"""The side process: the baseline training in a second process beside the KD student.
+"""The side process: the baseline training in a second process beside the KD student (the
+runner spawns and joins it, `runner._spawn_side`).
 
 Distill and baseline share no state: each reads the upstream stages and writes its own folders,
 so they can train side by side. On a 2-core CPU this nearly halves their wall time, since a step
@@ -21,7 +22,6 @@ import threading
 from pathlib import Path
 
 from mlx_distill import backend
-from mlx_distill.context import Context, read_stage
 from mlx_distill.errors import BadInput
 
 PARENT_ENV = "MLX_DISTILL_PARENT"  # "pid:fd", set for a side process only
@@ -118,30 +118,6 @@ class blas_share:
     def __exit__(self, *exc):
         if self.active:  # the count it had (OPENBLAS_NUM_THREADS), not the core count
             backend.set_blas_threads(self.before or os.cpu_count() or 1)
-
-
-def spawn(ctx: Context, name: str, force: bool) -> subprocess.Popen:
-    """Run stage `name` of the resolved recipe in a second process (same run directory), under
-    this process's run lock; it exits when this process dies."""
-    cmd = [sys.executable, "-m", "mlx_distill", "run", str(ctx.run_dir / "recipe.yaml")]
-    cmd += ["--stage", name, "--jobs", "1", "--bar-position", str(ctx.bar_position + 1)]
-    cmd += ["--force"] if force else []
-    cmd += [] if ctx.progress else ["--no-progress"]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(half_cores()[1]))
-    proc = spawn_side(cmd, env)
-    ctx.log(f"[{name}] running beside distill (second process, pid {proc.pid})")
-    return proc
-
-
-def join(ctx: Context, proc: subprocess.Popen, name: str, fp: str) -> str:
-    """Wait for a side process; its stage must have finished with the expected fingerprint."""
-    code = proc.wait()
-    close_side(proc)
-    info = read_stage(ctx, name) or {}
-    if code != 0 or info.get("status") != "done" or info.get("fingerprint") != fp:
-        message = f"stage {name} failed in its side process (exit code {code}; error above)"
-        raise (BadInput if code == 2 else RuntimeError)(message)
-    return "ran"  # the side process logged its own "done" line
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -104,6 +104,11 @@ TABLE: dict[str, Stage] = {
 assert tuple(TABLE) == STAGES, "the stage table and recipe.STAGES must list the same stages"
 
 
+def enabled(recipe) -> list[str]:
+    """The recipe's stages (`recipe.stages`), in stage order."""
+    return [s for s in STAGES if s in recipe.stages]
+
+
 def group(name: str) -> list[str]:
     """The stages of command group `name` ("teach" or "train"), in order."""
     return [s.name for s in TABLE.values() if s.group == name]

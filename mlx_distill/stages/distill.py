@@ -11,7 +11,7 @@ from pathlib import Path
 from mlx_distill.cache import open_cache
 from mlx_distill.context import Context
 from mlx_distill.errors import BadInput
-from mlx_distill.files import write_json_atomic
+from mlx_distill.files import write_json_atomic, write_text_atomic
 from mlx_distill.models import (
     build_model,
     export_quantized,
@@ -24,7 +24,6 @@ from mlx_distill.models.adapters import apply_adapters, fuse_adapters, num_train
 from mlx_distill.stages import inputs
 from mlx_distill.stages.kinds import teacher_kind
 from mlx_distill.teachers.local import LocalTeacher
-from mlx_distill.text.data import read_jsonl
 from mlx_distill.text.tokenizer import prompt_text
 from mlx_distill.train import distributed
 from mlx_distill.train.onpolicy import LOSS_TAG, OnPolicySource, check_templates, onpolicy_loss
@@ -89,7 +88,7 @@ def onpolicy_source(ctx: Context, recipe, model, tokenizer, cache=None):
 
     teacher = LocalTeacher(inputs.teacher_path(ctx))
     check_templates(tokenizer, teacher.tokenizer, teacher.id)
-    records = read_jsonl(recipe.data.train, limit=recipe.data.max_train)
+    records = inputs.train_records(ctx)
     prompts = [
         np.array(
             tokenizer.encode(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False),
@@ -200,7 +199,7 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
         if run == "distill" and bits:
             export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
         if stage_json is not None:  # the baseline's model folder is also its stage folder
-            (out / "stage.json").write_text(stage_json)
+            write_text_atomic(out / "stage.json", stage_json)
     return adapter_info
 
 

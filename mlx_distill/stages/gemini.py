@@ -19,18 +19,12 @@ from mlx_distill.teachers.align import records_to_examples
 from mlx_distill.teachers.gemini import partial_message, run_gemini_teacher, teacher_identity
 from mlx_distill.teachers.gemini_cache import AlignedTeacher, report_line, target_k
 from mlx_distill.text.chat import reasoning_span
-from mlx_distill.text.data import read_jsonl
 from mlx_distill.text.tokenizer import template_hash, vocab_hash
-
-
-def _prompts(ctx: Context) -> list[dict]:
-
-    return read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
 
 
 def prompt_keys(ctx: Context) -> list[str]:
     """Record keys of the recipe's training prompts (unique, in data order)."""
-    return gemini_cache.prompt_keys(ctx.recipe.teacher.gemini, _prompts(ctx))
+    return gemini_cache.prompt_keys(ctx.recipe.teacher.gemini, inputs.train_records(ctx))
 
 
 class GeminiKind:
@@ -47,11 +41,10 @@ class GeminiKind:
 
     @classmethod
     def teach(cls, ctx: Context) -> dict[str, Any]:
-
         recipe, out = ctx.recipe, ctx.stage_dir("teacher")
         summary = run_gemini_teacher(
             recipe,
-            _prompts(ctx),
+            inputs.train_records(ctx),
             out / "records",
             retry_failed=ctx.retry_failed,
             progress=ctx.progress,
@@ -73,11 +66,68 @@ class GeminiKind:
     @classmethod
     def build_cache(cls, ctx: Context) -> dict[str, Any]:
         """Refuse a partial teach unless allowed, align, write the token cache."""
-        return build_gemini_cache(ctx)
+        recipe = ctx.recipe
+        cfg = recipe.teacher.gemini
+        tokenizer = inputs.tokenizer(ctx)
+        records_dir = ctx.stage_dir("teacher") / "records"
+        keys = prompt_keys(ctx)
+        stored = read_records(records_dir, keys)
+        answered = sum(r.get("status") == "ok" for r in stored)
+        unasked = len(keys) - len(stored)
+        partial = {
+            "prompts": len(keys),
+            "answered": answered,
+            "failed": len(stored)
+            - answered,  # not "failed_prompts": --retry-failed reruns the teacher
+            "unasked": unasked,
+            "partial": unasked > 0,
+        }
+        if unasked and not recipe.teacher.allow_partial:
+            raise BadInput(
+                f"the teacher's answers are partial ({answered} of {len(keys)} prompts answered, "
+                f"{unasked} not asked): continue with `mlx-distill teach RECIPE`, or set "
+                "teacher.allow_partial: true to train on them as they are"
+            )
+        think_open, think_close = reasoning_span(
+            tokenizer, recipe.data.reasoning_open, recipe.data.reasoning_close
+        )
+        examples, targets, coverage = records_to_examples(
+            records_dir,
+            tokenizer,
+            keys=keys,
+            k=target_k(cfg),
+            think_open=think_open,
+            think_close=think_close,
+        )
+        if not examples:
+            raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")
+        content = stage_result(ctx, "teacher").get("content")
+        c = recipe.cache
+        manifest = build_token_cache(
+            AlignedTeacher(examples, targets, tokenizer, teacher_identity(cfg), content),
+            examples,
+            ctx.stage_dir("cache"),
+            targets="topk",
+            k=target_k(cfg),
+            batch_size=c.batch_size,
+            shard_rows=c.shard_rows,
+            seed=recipe.seed,
+            fingerprint=cls.cache_expect(ctx, tokenizer),
+            progress=ctx.progress,
+        )
+        result = {
+            "rows": manifest["rows"],
+            "tokens": manifest["tokens"],
+            "examples": len(examples),
+            "prompts_used": len(examples),
+            **partial,
+            "coverage": coverage,
+        }
+        result["report"] = report_line(result)
+        return result
 
     @classmethod
     def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:
-
         return {
             "vocab_hash": vocab_hash(tokenizer),
             "template_hash": template_hash(tokenizer),
@@ -86,65 +136,3 @@ class GeminiKind:
             # which stored answers the cache was made from
             "records": stage_result(ctx, "teacher").get("content"),
         }
-
-
-def build_gemini_cache(ctx: Context) -> dict[str, Any]:
-    """The cache stage: refuse a partial teach unless allowed, align, write the token cache."""
-    recipe = ctx.recipe
-    cfg = recipe.teacher.gemini
-    tokenizer = inputs.tokenizer(ctx)
-    records_dir = ctx.stage_dir("teacher") / "records"
-    keys = prompt_keys(ctx)
-    stored = read_records(records_dir, keys)
-    answered = sum(r.get("status") == "ok" for r in stored)
-    unasked = len(keys) - len(stored)
-    partial = {
-        "prompts": len(keys),
-        "answered": answered,
-        "failed": len(stored) - answered,  # not "failed_prompts": --retry-failed reruns the teacher
-        "unasked": unasked,
-        "partial": unasked > 0,
-    }
-    if unasked and not recipe.teacher.allow_partial:
-        raise BadInput(
-            f"the teacher's answers are partial ({answered} of {len(keys)} prompts answered, "
-            f"{unasked} not asked): continue with `mlx-distill teach RECIPE`, or set "
-            "teacher.allow_partial: true to train on them as they are"
-        )
-    think_open, think_close = reasoning_span(
-        tokenizer, recipe.data.reasoning_open, recipe.data.reasoning_close
-    )
-    examples, targets, coverage = records_to_examples(
-        records_dir,
-        tokenizer,
-        keys=keys,
-        k=target_k(cfg),
-        think_open=think_open,
-        think_close=think_close,
-    )
-    if not examples:
-        raise BadInput("the Gemini teacher has no usable answers yet; run `mlx-distill teach`")
-    content = stage_result(ctx, "teacher").get("content")
-    c = recipe.cache
-    manifest = build_token_cache(
-        AlignedTeacher(examples, targets, tokenizer, teacher_identity(cfg), content),
-        examples,
-        ctx.stage_dir("cache"),
-        targets="topk",
-        k=target_k(cfg),
-        batch_size=c.batch_size,
-        shard_rows=c.shard_rows,
-        seed=recipe.seed,
-        fingerprint=GeminiKind.cache_expect(ctx, tokenizer),
-        progress=ctx.progress,
-    )
-    result = {
-        "rows": manifest["rows"],
-        "tokens": manifest["tokens"],
-        "examples": len(examples),
-        "prompts_used": len(examples),
-        **partial,
-        "coverage": coverage,
-    }
-    result["report"] = report_line(result)
-    return result

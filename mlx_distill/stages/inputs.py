@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mlx_distill.cache.loader import Loader
 from mlx_distill.context import Context
+from mlx_distill.errors import BadInput
 from mlx_distill.evaluate import perplexity
 from mlx_distill.text.chat import encode_records
 from mlx_distill.text.data import read_jsonl
@@ -27,6 +28,11 @@ from mlx_distill.train.trainer import make_optimizer, train
 def tokenizer(ctx: Context):
     """The run's tokenizer (the tokenizer stage's folder)."""
     return load_tokenizer(ctx.stage_dir("tokenizer"))
+
+
+def train_records(ctx: Context) -> list[dict]:
+    """The training split's records as read (the first data.max_train)."""
+    return read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
 
 
 def examples(
@@ -72,7 +78,13 @@ def teacher_info(ctx: Context) -> dict | None:
 
 def teacher_path(ctx: Context) -> Path:
     """The local teacher's model folder (given, or trained by the teacher stage)."""
-    return Path(teacher_info(ctx)["path"])
+    info = teacher_info(ctx)
+    if info is None:
+        raise BadInput(
+            f"{ctx.stage_dir('teacher') / 'teacher.json'} not found: the teacher stage has not "
+            "run in this run directory (keep `teacher` in the recipe's stages)"
+        )
+    return Path(info["path"])
 
 
 def loader(ctx: Context, source, seq_len: int, batch_size: int):

@@ -52,7 +52,7 @@ KINDS = {
 
 
 def teacher_kind(kind: str) -> type[TeacherKind]:
-    """The class behind `teacher.kind` (imported on first use: mlx and google-genai are heavy)."""
+    """The class behind `teacher.kind` (imported on first use: google-genai is heavy)."""
     import importlib
 
     module, name = KINDS[kind]

@@ -103,7 +103,6 @@ class LocalKind:
 
     @classmethod
     def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:
-
         c = ctx.recipe.cache
         expect = {
             "vocab_hash": vocab_hash(tokenizer),

@@ -11,7 +11,6 @@ from mlx_distill.stages.eval import run_models
 
 
 def stage_report(ctx: Context) -> dict:
-
     results = json.loads((ctx.stage_dir("eval") / "results.json").read_text())
     stages = {name: stage_result(ctx, name) for name in ("teacher", "cache", "distill", "baseline")}
     return write_report(ctx.recipe, ctx.run_dir, results, stages, run_models(ctx))

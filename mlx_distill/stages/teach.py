@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 from mlx_distill.context import Context
+from mlx_distill.stages import inputs
 from mlx_distill.stages.kinds import teacher_kind
-from mlx_distill.text.data import read_jsonl
 from mlx_distill.text.tokenizer import (
     TOKENIZER_FILES,
     load_tokenizer,
@@ -31,7 +31,7 @@ def stage_tokenizer(ctx: Context) -> dict:
             if (source / name).exists():
                 shutil.copy2(source / name, out / name)
     else:
-        records = read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
+        records = inputs.train_records(ctx)
         texts = [r["prompt"] + "\n" + r["completion"] for r in records]
         train_sentencepiece(texts, out, vocab_size=cfg.vocab_size, model_type=cfg.model_type)
     tokenizer = load_tokenizer(out)

@@ -43,7 +43,6 @@ class AlignedTeacher:
     content: the digest of the stored answers they were made from (the teacher's version)."""
 
     def __init__(self, examples, targets, tokenizer, identity: dict, content: str | None) -> None:
-
         self.id = identity["id"]
         self.params = identity["params"]
         self.version = f"records:{content}"

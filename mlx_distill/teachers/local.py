@@ -84,7 +84,6 @@ class LocalTeacher:
         self._head = lm_head(self.model)  # the LM-head contract: weight and logits transform
 
     def _hidden(self, tokens: mx.array) -> mx.array:
-
         return hidden_states(self.model, tokens)
 
     def _cut_padding(self, logits: mx.array) -> mx.array:

@@ -87,7 +87,7 @@ def _mlx_lm_step(model, optimizer, cfg):
 
 
 def _project_step(model, optimizer, cfg, kd: bool):
-    """The trainer's own step (`step.make_step`) with its loss (`trainer.make_loss`)."""
+    """The trainer's own step (`step.make_step`) with its loss (`loss.make_loss`)."""
     import mlx.core as mx
 
     from mlx_distill.recipe import LossConfig, TrainConfig

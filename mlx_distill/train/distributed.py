@@ -19,8 +19,7 @@ Failure is loud: a rank that dies closes its sockets and the ring backend raises
 peer was lost" in the others' next collective (exit 1). `watch(...)` adds a deadline around a
 collective that should be quick (a training step): a rank still waiting after `timeout()` seconds
 (a hung peer) prints why and exits 1. A rank that `mlx-distill run --hosts` started
-(`run/launch.py`) ends with its exit code as its last stderr line (`report_exit`), since
-`mlx.launch` does not report the ranks' outcome honestly.
+(`run/launch.py`) ends with its exit code as its last stderr line (`launched.report_exit`).
 """
 
 from __future__ import annotations
@@ -38,33 +37,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_distill.errors import BadInput, StageIncomplete
+from mlx_distill.train.launched import report_exit
 
 TIMEOUT_ENV = "MLX_DISTILL_TIMEOUT"  # seconds a training step may wait for the other ranks
 DEFAULT_TIMEOUT = 300.0
 BACKENDS = ("ring", "jaccl", "mpi", "nccl")
 
-LAUNCHED_ENV = "MLX_DISTILL_LAUNCHED"  # set on every rank: print the exit line at the end
-
 _group: mx.distributed.Group | None = None
-_launched: dict = {}  # {"rank": R} in a rank started by `launch` (see `mark_launched`)
-
-
-def exit_line(rank: int, code: int) -> str:
-    return f"[mlx-distill] rank {rank} exit {code}"
-
-
-def mark_launched() -> None:
-    """In a rank `run --hosts` started (MLX_DISTILL_LAUNCHED set): remember it, and keep the
-    variable from this process's own children."""
-    if os.environ.pop(LAUNCHED_ENV, None):
-        _launched["rank"] = int(os.environ.get("MLX_RANK", 0))
-
-
-def report_exit(code: int) -> None:
-    """This rank's last stderr line, which `run/launch.py` reads (nothing outside such a rank)."""
-    if "rank" in _launched:
-        sys.stderr.flush()
-        print(exit_line(_launched["rank"], code), file=sys.stderr, flush=True)
 
 
 def launched_backend() -> str | None:
@@ -241,7 +220,6 @@ def _rethrow(kind: str, message: str):
 
 
 def _error(e: BaseException) -> list[str]:
-
     if isinstance(e, (BadInput, StageIncomplete)):
         return [type(e).__name__, str(e)]
     return ["RuntimeError", f"{type(e).__name__}: {e}"]

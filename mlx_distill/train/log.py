@@ -56,7 +56,9 @@ class RunLog(TrainCallback):
                 record = json.loads(line)
                 if record["run"] != self.run or record["step"] <= start:
                     kept.append(line)
-            if len(kept) < len(lines):  # rewritten only when there is something to drop
+            # Rewritten in place (not replaced): a side process appending to this file keeps
+            # writing to it; and only when there is something to drop.
+            if len(kept) < len(lines):
                 self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a") if self.main else open(os.devnull, "w")  # noqa: SIM115
         self._bar = tqdm(

@@ -6,5 +6,6 @@
   per-batch loss through the fused kernel; `recompute.py`: block checkpointing;
 - `checkpoint.py`: exact resume; `log.py`: the callback and metrics.jsonl + progress bar;
 - `onpolicy.py`, `sampler.py`: on-policy batches (the student samples, a teacher it is handed
-  scores); `distributed.py`: data parallelism with `mx.distributed`; `bench.py`: `bench step`.
+  scores); `distributed.py`: data parallelism with `mx.distributed` (`launched.py`: a rank's
+  exit code, reported to `run --hosts`); `bench.py`: `bench step`.
 """

@@ -123,20 +123,26 @@ def generate_answers(
     batch_size: int,
     progress=None,
     shard: bool = False,
-) -> list[str]:
-    """Greedy completions for chat prompts, in batches (shard: see `_each`)."""
+    with_ids: bool = False,
+) -> list:
+    """Greedy completions for chat prompts, in batches (shard: see `_each`): their texts, or
+    with_ids (text, prompt ids, generated ids) for each."""
     from mlx_lm import batch_generate
 
-    def batch_texts(start: int) -> list[str]:
+    def batch_texts(start: int) -> list:
         chunk = prompts[start : start + batch_size]
         ids = [_prompt_ids(tokenizer, p) for p in chunk]
-        texts = batch_generate(model, tokenizer, ids, max_tokens=max_new_tokens).texts
+        out = batch_generate(
+            model, tokenizer, ids, max_tokens=max_new_tokens, return_token_ids=with_ids
+        )
         if progress is not None:
             progress.update(len(chunk))
-        return list(texts)
+        if with_ids:
+            return [(t, p, list(g)) for t, p, g in zip(out.texts, ids, out.token_ids)]
+        return list(out.texts)
 
     parts = _each(range(0, len(prompts), batch_size), batch_texts, shard)
-    return [text for part in parts for text in part]
+    return [item for part in parts for item in part]
 
 
 def exact_match(
@@ -149,8 +155,9 @@ def exact_match(
     batch_size: int,
     progress=None,
     shard: bool = False,
-) -> tuple[float, list[str]]:
-    """Accuracy of greedy answers on records with `prompt` and `answer`; also the outputs."""
+) -> tuple[float, list[tuple[str, list[int], list[int]]]]:
+    """Accuracy of greedy answers on records with `prompt` and `answer`; also the outputs,
+    (text, prompt ids, generated ids) each."""
     outputs = generate_answers(
         model,
         tokenizer,
@@ -159,9 +166,58 @@ def exact_match(
         batch_size=batch_size,
         progress=progress,
         shard=shard,
+        with_ids=True,
     )
-    correct = [check(text, r["answer"]) for text, r in zip(outputs, records)]
+    correct = [check(text, r["answer"]) for (text, _, _), r in zip(outputs, records)]
     return float(np.mean(correct)), outputs
+
+
+# Edges of the first-departure histogram (answer-token positions); the last bin is open.
+DEPARTURE_EDGES = (0, 8, 16, 24, 32, 48, 64)
+
+
+def first_departure(own: Sequence[int], ref: Sequence[int]) -> int | None:
+    """The first position at which two token sequences differ (a length difference counts at
+    the shorter one's end); None when they are identical."""
+    for i, (a, b) in enumerate(zip(own, ref)):
+        if a != b:
+            return i
+    return None if len(own) == len(ref) else min(len(own), len(ref))
+
+
+def exposure(model, teacher, own: Sequence, ref: Sequence, batch_size: int = 32) -> dict:
+    """Exposure-bias diagnostics of `model` against `teacher` on the same prompts.
+
+    own, ref: (prompt ids, generated ids) of the model's and of the teacher's greedy answers,
+    prompt by prompt. agree_teacher_text: the model's top-1 agreement with the teacher along the
+    teacher's own answers (teacher forcing); agree_own_text: along the model's answers (at each
+    of its tokens, would the teacher have written the same one). departures: how many answers
+    first differ from the teacher's in each `DEPARTURE_EDGES` bin; same: how many are
+    identical to it.
+    """
+
+    def examples(pairs) -> list[TokenizedExample]:
+        out = []
+        for prompt, gen in pairs:
+            tokens = np.array(list(prompt) + list(gen), np.int32)
+            mask = np.zeros(len(tokens), bool)
+            mask[len(prompt) :] = True
+            out.append(TokenizedExample(tokens, mask))
+        return [e for e in out if e.mask.any() and len(e.tokens) > 1]
+
+    where = [first_departure(o[1], r[1]) for o, r in zip(own, ref)]
+    edges = list(DEPARTURE_EDGES)
+    counts = [0] * len(edges)
+    for w in where:
+        if w is not None:
+            counts[int(np.searchsorted(edges, w, side="right")) - 1] += 1
+    return {
+        "agree_teacher_text": top1_agreement(model, teacher, examples(ref), batch_size),
+        "agree_own_text": top1_agreement(model, teacher, examples(own), batch_size),
+        "same": sum(w is None for w in where),
+        "departures": counts,
+        "departure_bins": edges,
+    }
 
 
 def generate_samples(

@@ -36,6 +36,8 @@ StudentTrain = Literal["full", "lora", "dora"]  # which weights train (adapters:
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
 DistillMode = Literal["offline", "on_policy", "mixed"]
 OnPolicyLoss = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
+Schedule = Literal["cosine", "constant"]  # after the linear warmup
+RefineOptimizer = Literal["fresh", "carry"]  # the refinement phase's AdamW state
 
 
 @dataclass
@@ -81,15 +83,21 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run: AdamW with linear warmup and cosine decay."""
+    """One training run: AdamW, a linear warmup, then cosine decay (or a constant rate)."""
 
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-5
+    schedule: Schedule = "cosine"  # after the warmup: cosine to lr * min_lr_ratio, or constant
     min_lr_ratio: float = 0.1
     warmup: int = 50
+    # AdamW as PyTorch and published recipes run it: bias-corrected moments (MLX's own default
+    # is uncorrected, whose first updates are 3-6x the learning rate; false keeps that).
+    bias_correction: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient norm; 0: off
     log_every: int = 10
     eval_every: int = 0  # validation loss on data.valid every n steps; 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
@@ -294,6 +302,34 @@ class DistillConfig:
 
 
 @dataclass
+class RefineConfig:
+    """A refinement phase after the main training, as published on-policy runs set it up
+    (Thinking Machines' tinker-cookbook, Qwen3 sec. 4.5, MiniLLM): the distilled student goes on
+    `steps` more steps with batches of `mode` (on_policy: it samples completions of training
+    prompts, the local teacher grades every token; mixed: GKD's coin per batch; offline: the
+    cache), at a learning rate well below the main phase's, constant after a short warmup,
+    sampling and loss at `temperature`. The baseline gets the matched continuation: the same
+    steps, rows, learning rate and optimizer treatment on hard labels. Both phases are exported
+    and evaluated (student-before-refine/, baseline-before-refine/). top_p, max_new_tokens,
+    the on-policy loss and k are distill.*'s.
+    """
+
+    steps: int = 0  # 0: no refinement phase
+    mode: DistillMode = "on_policy"
+    lr: float | None = None  # None: train.lr / 10
+    warmup: int = 10
+    # fresh: a new AdamW (tinker-cookbook's default when it loads a checkpoint; bias-corrected,
+    # so its first steps are lr-sized); carry: the main phase's moments and step count.
+    optimizer: RefineOptimizer = "fresh"
+    samples_per_prompt: int = 4  # completions per prompt (train.batch_size must divide by it)
+    temperature: float = 1.0  # sampling, and the teacher's targets for the on-policy loss
+    lmbda: float = 0.5  # mode mixed: probability that a batch is on-policy
+
+    def lr_for(self, train: TrainConfig) -> float:
+        return train.lr / 10 if self.lr is None else self.lr
+
+
+@dataclass
 class EvalConfig:
     num_examples: int = 200
     max_new_tokens: int = 256
@@ -319,6 +355,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -368,6 +405,12 @@ class Recipe:
                     f"recipe key {key}.grad_accum: {t.grad_accum} does not divide "
                     f"{key}.batch_size {t.batch_size}"
                 )
+            if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+                raise BadInput(
+                    f"recipe key {key}.betas: expected two values in [0, 1), got {t.betas}"
+                )
+            if t.eps <= 0:
+                raise BadInput(f"recipe key {key}.eps: must be > 0, got {t.eps}")
         if not 0.0 <= self.loss.kd_weight <= 1.0:
             raise BadInput(
                 f"recipe key loss.kd_weight: must be in [0, 1], got {self.loss.kd_weight}"
@@ -433,6 +476,33 @@ class Recipe:
             )
         for i, entry in enumerate(d.compare):
             self._validate_compare(f"distill.compare[{i}]", entry)
+        self._validate_refine()
+
+    def _validate_refine(self) -> None:
+        r = self.refine
+        if r.steps < 0 or r.warmup < 0:
+            raise BadInput("recipe keys refine.steps and refine.warmup: must be >= 0")
+        if r.steps == 0:
+            return
+        if r.lr_for(self.train) <= 0:
+            raise BadInput(f"recipe key refine.lr: must be > 0, got {r.lr}")
+        if not 0.0 <= r.lmbda <= 1.0:
+            raise BadInput(f"recipe key refine.lmbda: must be in [0, 1], got {r.lmbda}")
+        if r.temperature <= 0:
+            raise BadInput(f"recipe key refine.temperature: must be > 0, got {r.temperature}")
+        if r.mode != "offline":
+            if self.teacher.kind == "gemini":
+                raise BadInput(_gemini_refusal("refine.mode", r.mode))
+            if r.samples_per_prompt < 1 or self.train.batch_size % r.samples_per_prompt:
+                raise BadInput(
+                    f"recipe key refine.samples_per_prompt: must be >= 1 and divide "
+                    f"train.batch_size {self.train.batch_size}, got {r.samples_per_prompt}"
+                )
+        if r.mode != "on_policy" and "cache" not in self.stages:
+            raise BadInput(
+                f"recipe key refine.mode: {r.mode} trains on the teacher cache, and stages has "
+                "no cache stage; add cache to stages, or use mode on_policy"
+            )
 
     def _validate_compare(self, key: str, entry: CompareRun) -> None:
         modes = ", ".join(choices(DistillMode))

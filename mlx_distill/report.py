@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 
-def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None) -> bool:
+def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None, offset: int = 0) -> bool:
     """Loss curves of every run in metrics.jsonl; runs: if given, the distill-* runs to show
-    (lines of a distill.compare run since dropped from the recipe are left out)."""
+    (lines of a distill.compare run since dropped from the recipe are left out). A refinement
+    phase (<run>-refine) is drawn after its main phase: its steps shifted by `offset`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,6 +24,8 @@ def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None) -> bool:
         rec = json.loads(line)
         if runs is not None and rec["run"].startswith("distill-") and rec["run"] not in runs:
             continue
+        if rec["run"].endswith("-refine"):
+            rec["step"] += offset
         if "valid_loss" in rec:  # validation records: data.valid every train.eval_every steps
             steps, losses = valid.setdefault(rec["run"], ([], []))
             steps.append(rec["step"])
@@ -87,6 +90,13 @@ def write_report(
     for stage, role in (("distill", "student"), ("baseline", "baseline"), ("teacher", "teacher")):
         params[role] = stages.get(stage, {}).get("parameters")
     names = {"teacher": "teacher", "student": "KD student", "baseline": "baseline (hard labels)"}
+    if recipe.refine.steps:
+        names["student"] = "KD student, refined"
+        names["baseline"] = "baseline (hard labels), continued"
+        names["student-before-refine"] = "KD student before refinement"
+        names["baseline-before-refine"] = "baseline before its continuation"
+        params["student-before-refine"] = params["student"]
+        params["baseline-before-refine"] = params["baseline"]
     tags = [tag for tag, _ in recipe.distill.runs()]
     for tag in tags:
         names[f"student-{tag}"] = f"{tag} student (distill.compare)"
@@ -105,7 +115,7 @@ def write_report(
         lines += [
             "",
             f"The KD student {verdict} the baseline ({diff * 100:+.1f} points of exact "
-            f"match; same architecture, same {recipe.train.steps} steps, same data order, "
+            f"match; same architecture, same {_steps(recipe)}, same data order, "
             f"seed {recipe.seed}); loss `{recipe.loss.kind}`, kd_weight {recipe.loss.kd_weight}, "
             f"temperature {recipe.loss.temperature}, cache `{recipe.cache.targets}` "
             f"k={recipe.cache.k}.",
@@ -119,12 +129,15 @@ def write_report(
                 f"{sign_test(only_kd, only_base):.2g}).",
             ]
     lines += _compare_section(recipe, stages, models)
+    lines += _refine_section(recipe, stages, models)
+    lines += _exposure_section(models, names)
     teacher_data = stages.get("cache", {}).get("report")
     if teacher_data:  # what an API teacher's cache was made from (prompts used, coverage)
         lines += ["", teacher_data]
     lines += _samples_section(models, names, recipe.eval.max_new_tokens)
     png = run_dir / "loss_curves.png"
-    if _plot(run_dir / "metrics.jsonl", png, {f"distill-{tag}" for tag in tags}):
+    shown = {f"distill-{tag}" for tag in tags} | {"distill-refine"}
+    if _plot(run_dir / "metrics.jsonl", png, shown, offset=recipe.train.steps):
         lines += ["", "![loss curves](loss_curves.png)"]
     chat_target = "student" if "student" in models else next(iter(paths), None)
     if chat_target is not None:
@@ -184,6 +197,100 @@ def _compare_section(recipe, stages: dict[str, dict], models: dict) -> list[str]
         row = models.get(role, {})
         em = f"{row['exact_match']:.1%}" if "exact_match" in row else "n/a"
         lines.append(f"| {name} | {steps:,} | {wall} | {split} | {em} |")
+    return lines
+
+
+def _steps(recipe) -> str:
+    """The training budget both models had: steps, plus the refinement phase's."""
+    if recipe.refine.steps:
+        return f"{recipe.train.steps} + {recipe.refine.steps} steps"
+    return f"{recipe.train.steps} steps"
+
+
+def _paired(models: dict, a: str, b: str) -> str:
+    """'only A solves x, only B y (p = ...)' for two models' solved problems."""
+    if "solved" not in models.get(a, {}) or "solved" not in models.get(b, {}):
+        return "-"
+    sa, sb = set(models[a]["solved"]), set(models[b]["solved"])
+    x, y = len(sa - sb), len(sb - sa)
+    return f"{x} / {y} (p = {sign_test(x, y):.2g})"
+
+
+def _refine_section(recipe, stages: dict[str, dict], models: dict) -> list[str]:
+    """Both phases when refine.steps > 0: each model's exact match before and after its
+    refinement (the KD student's refine.mode phase, the baseline's matched continuation on
+    hard labels), the phases' wall times and the paired comparisons."""
+    if not recipe.refine.steps:
+        return []
+    r = recipe.refine
+    lines = [
+        "",
+        "## Refinement",
+        "",
+        f"After the main phase ({recipe.train.steps:,} steps) the KD student trained "
+        f"{r.steps:,} more steps {r.mode} (lr {r.lr_for(recipe.train):g} constant after "
+        f"{r.warmup} warmup steps, {r.optimizer} optimizer, temperature {r.temperature:g}"
+        + (f", {r.samples_per_prompt} samples per prompt" if r.mode != "offline" else "")
+        + "); the baseline the same steps, rows, rate and optimizer treatment on hard labels.",
+        "",
+        "| model | main phase | refinement (wall time; generation / scoring) "
+        "| exact match before | after | only after / only before solves |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for stage, role, name in (
+        ("distill", "student", "KD student"),
+        ("baseline", "baseline", "baseline"),
+    ):
+        info = stages.get(stage, {})
+        phase = info.get("refine", {})
+        if not phase:
+            continue
+        wall = f"{phase['seconds']:,.1f} s"
+        if "generation_s" in phase:
+            wall += f"; {phase['generation_s']:,.1f} s / {phase['scoring_s']:,.1f} s"
+        before, after = models.get(f"{role}-before-refine", {}), models.get(role, {})
+        em = [f"{m['exact_match']:.1%}" if "exact_match" in m else "n/a" for m in (before, after)]
+        lines.append(
+            f"| {name} | {info.get('seconds', 0):,.1f} s | {wall} | {em[0]} | {em[1]} "
+            f"| {_paired(models, role, f'{role}-before-refine')} |"
+        )
+    lines += [
+        "",
+        "Paired, refined KD student against the continued baseline (only KD / only baseline "
+        f"solves): {_paired(models, 'student', 'baseline')}.",
+    ]
+    return lines
+
+
+def _exposure_section(models: dict, names: dict) -> list[str]:
+    """The exposure-bias diagnostics of the eval stage: each model's per-token agreement with
+    the teacher on the teacher's greedy text and on its own, and where its greedy answer first
+    departs from the teacher's."""
+    rows = {role: row["exposure"] for role, row in models.items() if row.get("exposure")}
+    if not rows:
+        return []
+    edges = next(iter(rows.values()))["departure_bins"]
+    bins = [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    lines = [
+        "",
+        "## Where the students leave the teacher",
+        "",
+        "Top-1 agreement with the teacher token by token, on the teacher's greedy answers "
+        "(teacher forcing) and on the model's own greedy answers (what the teacher would have "
+        "written next at each of the model's tokens); then, over the held-out problems, the "
+        "answer token at which the model's greedy answer first differs from the teacher's (same: "
+        "identical answers). A high first agreement with a lower second, and early departures, "
+        "are exposure bias: errors that compound as the model writes.",
+        "",
+        "| model | on teacher's text | on own text | same | " + " | ".join(bins) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in bins) + " |",
+    ]
+    for role, e in rows.items():
+        counts = " | ".join(str(c) for c in e["departures"])
+        lines.append(
+            f"| {names.get(role, role)} | {e['agree_teacher_text']:.2%} | "
+            f"{e['agree_own_text']:.2%} | {e['same']} | {counts} |"
+        )
     return lines
 
 

@@ -193,8 +193,10 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
                 f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
                 f"not match {who} in {folder} ({theirs}); set tokenizer.path: {folder}"
             )
-    on_policy = recipe.distill.mode != "offline" or any(
-        c.mode != "offline" for c in recipe.distill.compare
+    on_policy = (
+        recipe.distill.mode != "offline"
+        or any(c.mode != "offline" for c in recipe.distill.compare)
+        or (recipe.refine.steps > 0 and recipe.refine.mode != "offline")
     )
     if on_policy and "distill" in selected and teacher_dir and recipe_tok:
         # the teacher scores the student's text: both must read it in the same chat format
@@ -216,6 +218,8 @@ def check_group(recipe, stages: list[str], world: int) -> None:
     modes = [("distill.mode", recipe.distill.mode)] + [
         (f"distill.compare[{i}].mode", c.mode) for i, c in enumerate(recipe.distill.compare)
     ]
+    if recipe.refine.steps:
+        modes.append(("refine.mode", recipe.refine.mode))
     for key, mode in modes:
         if "distill" in stages and mode != "offline":
             raise BadInput(

@@ -66,22 +66,28 @@ TABLE: dict[str, Stage] = {
         ),
         Stage(
             "distill",
-            sections=("student", "loss", "distill", "train", "data", "export"),
+            sections=("student", "loss", "distill", "train", "refine", "data", "export"),
             upstream=("cache",),
             made="the KD student was trained",
             reads=("train", "valid"),
-            # student-*: the quantized exports, the adapters and distill.compare's students
+            # student-*: the quantized exports, the adapters, distill.compare's students and the
+            # student before refinement; checkpoints/distill-*: compare runs and refinement
             outputs=("student", "student-*", "checkpoints/distill", "checkpoints/distill-*"),
             group="train",
             ranks="all",
         ),
         Stage(
             "baseline",
-            sections=("student", "train", "data"),
+            sections=("student", "train", "refine", "data"),
             upstream=("tokenizer", "teacher"),
             made="the baseline was trained",
             reads=("train", "valid"),
-            outputs=("checkpoints/baseline", "baseline-adapters"),
+            outputs=(
+                "checkpoints/baseline",
+                "checkpoints/baseline-refine",
+                "baseline-adapters",
+                "baseline-before-refine",
+            ),
             group="train",
             ranks="all",
         ),

@@ -113,8 +113,9 @@ def onpolicy_source(ctx: Context, recipe, model, tokenizer, cache=None):
 
 
 def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
-    """Train and export one student. recipe: a distill.compare run's (`compare_recipe`), whose
-    `run` is distill-<tag>; else the context's."""
+    """Train and export one student, then (for the KD student and the baseline, when
+    refine.steps > 0) its refinement phase. recipe: a distill.compare run's (`compare_recipe`),
+    whose `run` is distill-<tag>; else the context's."""
     recipe = recipe or ctx.recipe
     tokenizer = inputs.tokenizer(ctx)
     model, config = student(ctx, tokenizer)
@@ -124,12 +125,14 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
             f"{len(tokenizer.get_vocab())}"
         )
     mode = recipe.distill.mode if use_cache else "offline"
+    refine = recipe.refine.steps > 0 and run in ("distill", "baseline")
     cut: dict = {}
-    if not recipe.distill.reads_cache() and use_cache:
-        source = None  # every batch is sampled from the student: no cache
-    elif use_cache:
+    needs_cache = recipe.distill.reads_cache() or (refine and recipe.refine.mode != "on_policy")
+    if use_cache and needs_cache:
         expect = teacher_kind(recipe.teacher.kind).cache_expect(ctx, tokenizer)
         source = open_cache(ctx.stage_dir("cache"), expect=expect)
+    elif use_cache:
+        source = None  # every batch is sampled from the student: no cache
     else:
         source = inputs.examples(ctx, tokenizer, limit=recipe.data.max_train, cut=cut)
     if recipe.student.train != "full":
@@ -138,15 +141,16 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
         if recipe.student.init != "pretrained" and distributed.is_main():
             save_model(model, config, student_tokenizer_dir(ctx), adapters_dir(ctx, run) / "base")
         apply_adapters(model, recipe.student)
-    batches = None
+    loader = None
     if source is not None:
-        batches = inputs.loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
-    extra_losses = None
+        loader = inputs.loader(ctx, source, recipe.data.max_seq_len, recipe.train.batch_size)
+    batches, extra_losses = loader, None
     if mode != "offline":
-        batches, extra_losses = onpolicy_source(ctx, recipe, model, tokenizer, batches)
+        cache = loader if recipe.distill.reads_cache() else None
+        batches, extra_losses = onpolicy_source(ctx, recipe, model, tokenizer, cache)
     validate = inputs.validator(ctx, tokenizer, cut)
     loss_cfg = recipe.loss if use_cache else None
-    result = inputs.fit(
+    result, optimizer = inputs.fit(
         ctx,
         model,
         run,
@@ -156,7 +160,14 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
         validate=validate,
         extra_losses=extra_losses,
     )
-    batches.close()
+    refined = None
+    if refine:
+        export_before(ctx, run, recipe, model, config)
+        refined = refine_phase(ctx, run, recipe, model, tokenizer, loader, optimizer, validate)
+    if batches is not None:
+        batches.close()
+    if loader is not None and loader is not batches:
+        loader.close()
     adapter_info = export(ctx, run, recipe, model, config)  # fuses adapters: count after it
     summary = {
         "parameters": num_params(model),
@@ -169,11 +180,107 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
         **inputs.cut_summary(cut),
     }
     if mode != "offline":  # the time split of this process's on-policy work
-        stats = batches.stats()
-        summary["generation_s"] = round(stats["gen_s"], 1)
-        summary["scoring_s"] = round(stats["score_s"], 1)
-        summary["on_policy_batches"] = int(stats["on_policy_batches"])
+        summary.update(onpolicy_summary(batches))
+    if refined is not None:
+        summary["refine"] = refined
     return summary
+
+
+def onpolicy_summary(source) -> dict:
+    """The time split of a batch source's on-policy work (this process's)."""
+    stats = source.stats()
+    return {
+        "generation_s": round(stats["gen_s"], 1),
+        "scoring_s": round(stats["score_s"], 1),
+        "on_policy_batches": int(stats["on_policy_batches"]),
+    }
+
+
+def refine_recipe(recipe):
+    """The recipe the refinement phase trains with: refine.steps at refine.lr (constant after
+    refine.warmup), its batches' mode, samples, lmbda and temperature (sampling and the
+    on-policy loss; cached batches keep the cache's temperature, which `loss` reads them at)."""
+    r = recipe.refine
+    train = dataclasses.replace(
+        recipe.train, steps=r.steps, lr=r.lr_for(recipe.train), warmup=r.warmup, schedule="constant"
+    )
+    distill = dataclasses.replace(
+        recipe.distill,
+        mode=r.mode,
+        lmbda=r.lmbda,
+        offline_steps=0,
+        samples_per_prompt=r.samples_per_prompt,
+        temperature=r.temperature,
+        compare=[],
+    )
+    loss = dataclasses.replace(recipe.loss, temperature=r.temperature)
+    return dataclasses.replace(recipe, train=train, distill=distill, loss=loss)
+
+
+def refine_phase(ctx, run, recipe, model, tokenizer, loader, optimizer, validate) -> dict:
+    """Run `run`'s refinement phase (as run <run>-refine) on the trained `model`: the KD
+    student's batches as refine.mode says, the baseline's the next rows of its own data (hard
+    labels), both refine.steps steps of train.batch_size rows. optimizer: the main phase's
+    (optimizer, master), carried over when refine.optimizer is carry, else replaced by a fresh
+    AdamW. Returns the phase's summary."""
+    from mlx_distill.train.trainer import adamw, carry_optimizer
+
+    sub = refine_recipe(recipe)
+    r = recipe.refine
+    opt, master = optimizer
+    if r.optimizer == "carry":
+        opt = carry_optimizer(opt, sub.train, offset=recipe.train.steps)
+    else:
+        opt = adamw(sub.train)
+        opt.init(master["params"] if master else model.trainable_parameters())
+    kd = run != "baseline"
+    batches, extra_losses = loader, None
+    if kd and r.mode != "offline":
+        batches, extra_losses = onpolicy_source(
+            ctx, sub, model, tokenizer, loader if r.mode == "mixed" else None
+        )
+    result, _ = inputs.fit(
+        ctx,
+        model,
+        f"{run}-refine",
+        batches,
+        sub.train,
+        recipe.loss if kd else None,
+        validate=validate,
+        extra_losses=extra_losses,
+        optimizer=(opt, master),
+    )
+    info = {
+        "steps": r.steps,
+        "mode": r.mode if kd else "hard labels",
+        "lr": sub.train.lr,
+        "optimizer": r.optimizer,
+        "seconds": round(result.seconds, 1),
+        "final_loss": result.final_loss,
+        "resumed_from": result.resumed_from,
+        "before": str(before_dir(ctx, run)),
+    }
+    if kd and r.mode != "offline":
+        info.update(onpolicy_summary(batches))
+    return info
+
+
+def before_dir(ctx: Context, run: str) -> Path:
+    """Where run `run` (distill or baseline) is exported as it was before refinement."""
+    return out_dir(ctx, run).with_name(out_dir(ctx, run).name + "-before-refine")
+
+
+def export_before(ctx: Context, run: str, recipe, model, config) -> None:
+    """Save the trained model as it is before the refinement phase (rank 0; adapters fused
+    into a copy, so training goes on with them)."""
+    import copy
+
+    if not distributed.is_main():
+        return
+    if recipe.student.train != "full":
+        model = copy.deepcopy(model)
+        fuse_adapters(model)
+    save_model(model, config, student_tokenizer_dir(ctx), before_dir(ctx, run))
 
 
 def export(ctx: Context, run: str, recipe, model, config) -> dict:

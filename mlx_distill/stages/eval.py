@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_distill.context import Context
-from mlx_distill.evaluate import SAMPLES, exact_match, generate_samples, perplexity, top1_agreement
+from mlx_distill.evaluate import (
+    SAMPLES,
+    exact_match,
+    exposure,
+    generate_samples,
+    perplexity,
+    top1_agreement,
+)
 from mlx_distill.files import write_json_atomic
 from mlx_distill.models import load_model, num_params
 from mlx_distill.stages import inputs
@@ -21,8 +28,9 @@ from mlx_distill.train import distributed
 
 
 def run_models(ctx: Context) -> dict[str, Path]:
-    """The models this run has, by role: teacher, student (KD), baseline, student-q{bits} and
-    student-<tag> for each distill.compare run."""
+    """The models this run has, by role: teacher, student (KD), baseline, student-q{bits},
+    student-<tag> for each distill.compare run, and with a refinement phase the KD student and
+    the baseline as they were before it (student-before-refine, baseline-before-refine)."""
     found = {}
     info = inputs.teacher_info(ctx)
     if info is not None and info.get("kind") == "local":
@@ -33,6 +41,9 @@ def run_models(ctx: Context) -> dict[str, Path]:
         candidates.append((f"student-q{bits}", f"student-q{bits}", "distill"))
     for tag, _ in ctx.recipe.distill.runs():  # distill.compare's students
         candidates.append((f"student-{tag}", f"student-{tag}", "distill"))
+    if ctx.recipe.refine.steps:  # both phases: before refinement, and (above) after it
+        candidates.append(("student-before-refine", "student-before-refine", "distill"))
+        candidates.append(("baseline-before-refine", "baseline-before-refine", "baseline"))
     for role, folder, stage in candidates:
         if stage in ctx.recipe.stages and (ctx.run_dir / folder / "config.json").exists():
             found[role] = ctx.run_dir / folder
@@ -52,6 +63,7 @@ def evaluate_run(ctx: Context) -> dict:
     mine = sum(len(records[i : i + bs]) for i in distributed.shard(range(0, len(records), bs)))
     loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
     results: dict[str, dict] = {}
+    answers: dict[str, list] = {}  # role -> (prompt ids, greedy answer ids) per problem
     for role, (model, tokenizer, _) in loaded.items():
         examples, _ = encode_records(
             tokenizer,
@@ -78,8 +90,13 @@ def evaluate_run(ctx: Context) -> dict:
             bar.close()
             row["exact_match"] = acc
             row["solved"] = [
-                i for i, (o, r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
+                i for i, ((o, _, _), r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
             ]
+            answers[role] = [(p, g) for _, p, g in outputs]
+            if role != "teacher" and "teacher" in answers and not role.startswith("student-q"):
+                # where it leaves the teacher's greedy answers (exposure bias), token by token
+                teacher = loaded["teacher"][0]
+                row["exposure"] = exposure(model, teacher, answers[role], answers["teacher"])
         # Free-text runs too: the report shows what each model writes, special tokens included.
         row["samples"] = generate_samples(
             model,

@@ -100,20 +100,31 @@ def loader(ctx: Context, source, seq_len: int, batch_size: int):
 
 
 def fit(
-    ctx: Context, model, run: str, batches, train_cfg, loss_cfg, *, validate, extra_losses=None
+    ctx: Context,
+    model,
+    run: str,
+    batches,
+    train_cfg,
+    loss_cfg,
+    *,
+    validate,
+    extra_losses=None,
+    optimizer=None,
 ):
-    """Train `model` as run `run` of the running stage (teacher, distill, distill-<tag> or
-    baseline): seeded by the recipe seed, checkpointed under checkpoints/<run> against the
-    stage's fingerprint, logged to metrics.jsonl as `run` with a progress bar. loss_cfg None:
-    cross-entropy on the labels. Returns the trainer's `TrainResult`."""
+    """Train `model` as run `run` of the running stage (teacher, distill, distill-<tag>,
+    baseline, or a refinement phase <run>-refine): seeded by the recipe seed, checkpointed under
+    checkpoints/<run> against the stage's fingerprint, logged to metrics.jsonl as `run` with a
+    progress bar. loss_cfg None: cross-entropy on the labels. optimizer: (optimizer, master) to
+    train with (a carried one, see `trainer.carry_optimizer`); None: a new one from train_cfg.
+    Returns (the trainer's `TrainResult`, (optimizer, master))."""
     import mlx.core as mx
 
     mx.random.seed(ctx.recipe.seed)
-    optimizer, master = make_optimizer(model, train_cfg)
+    optimizer, master = optimizer or make_optimizer(model, train_cfg)
     log = RunLog(
         ctx.run_dir / "metrics.jsonl", run, progress=ctx.progress, bar_position=ctx.bar_position
     )
-    return train(
+    result = train(
         model,
         optimizer,
         batches,
@@ -126,3 +137,4 @@ def fit(
         validate=validate,
         callback=log,
     )
+    return result, (optimizer, master)

@@ -54,7 +54,7 @@ class LocalKind:
             ctx, examples, recipe.data.max_seq_len, recipe.teacher.train.batch_size
         )
         validate = inputs.validator(ctx, tokenizer, cut)
-        result = inputs.fit(
+        result, _ = inputs.fit(
             ctx, model, "teacher", batches, recipe.teacher.train, None, validate=validate
         )
         batches.close()

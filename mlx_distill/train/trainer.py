@@ -41,16 +41,31 @@ class TrainResult:
 
 
 def schedule(cfg: TrainConfig):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio, or (schedule:
+    constant) cfg.lr to the end."""
     warmup = max(1, min(cfg.warmup, cfg.steps - 1))
-    decay = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warmup), cfg.lr * cfg.min_lr_ratio)
+    if cfg.schedule == "constant":
+        after = lambda _: mx.array(cfg.lr, mx.float32)  # noqa: E731
+    else:
+        after = optim.cosine_decay(cfg.lr, max(1, cfg.steps - warmup), cfg.lr * cfg.min_lr_ratio)
     return optim.join_schedules(
-        [optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup), decay], [warmup]
+        [optim.linear_schedule(cfg.lr / warmup, cfg.lr, warmup), after], [warmup]
+    )
+
+
+def adamw(cfg: TrainConfig) -> optim.AdamW:
+    """AdamW with the recipe's schedule, betas, eps, weight decay and bias correction."""
+    return optim.AdamW(
+        learning_rate=schedule(cfg),
+        betas=list(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        bias_correction=cfg.bias_correction,
     )
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[optim.Optimizer, dict | None]:
-    """Put the model in `cfg.dtype` and build AdamW on the recipe's schedule.
+    """Put the model in `cfg.dtype` and build AdamW as the recipe says (`adamw`).
 
     Below float32 the model computes in `cfg.dtype` and AdamW updates fp32 master weights: the
     returned `master` ({"params": tree}, see `step.make_master`), else None. Returns
@@ -59,9 +74,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[optim.Optimizer,
     dtype = getattr(mx, cfg.dtype)
     model.set_dtype(dtype)  # a bf16 checkpoint trains in fp32 when the recipe says float32
     master = make_master(model) if dtype != mx.float32 else None
-    optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    optimizer = adamw(cfg)
     optimizer.init(master["params"] if master else model.trainable_parameters())
     return optimizer, master
+
+
+def carry_optimizer(optimizer: optim.Optimizer, cfg: TrainConfig, offset: int) -> optim.Optimizer:
+    """AdamW on `cfg`'s schedule that goes on from `optimizer`'s moments and step count (a
+    refinement phase with `refine.optimizer: carry`). The schedule restarts at step `offset`
+    (the steps already taken): warmup and rate are the new phase's; bias correction, already
+    ~1 after them, continues."""
+    carried = adamw(cfg)
+    fresh = carried._schedulers["learning_rate"]
+    carried._schedulers["learning_rate"] = lambda step: fresh(step.astype(mx.int64) - offset)
+    carried.state = optimizer.state
+    return carried
 
 
 def train(

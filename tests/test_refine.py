@@ -248,7 +248,7 @@ def test_the_onpolicy_loss_of_a_perturbed_student_falls_on_a_fixed_batch(quick):
     student = load_model(TEACHER)[0]
     rng = np.random.default_rng()
     noisy = [
-        (k, v + mx.array(rng.normal(scale=0.15, size=v.shape).astype(np.float32)) * mx.abs(v))
+        (k, v + mx.array(rng.normal(scale=0.3, size=v.shape).astype(np.float32)) * mx.abs(v))
         for k, v in _flat(student.parameters())
     ]
     student.load_weights(noisy)
@@ -257,7 +257,7 @@ def test_the_onpolicy_loss_of_a_perturbed_student_falls_on_a_fixed_batch(quick):
     cfg = dataclasses.replace(sub.train, steps=10, batch_size=16, log_every=1)
     extra = {LOSS_TAG: onpolicy_loss(sub.distill, sub.loss)}
     losses = [r["loss"] for r in _train(student, _Fixed(batch), cfg, sub.loss, extra)]
-    assert losses[0] > 0.01, losses  # the perturbation is visible to the loss
+    assert losses[0] > 2e-3, losses  # the perturbation is visible to the loss
     assert losses[-1] < 0.8 * losses[0], losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 7, losses
 
@@ -346,7 +346,7 @@ def test_refinement_exports_both_phases_and_the_first_is_the_plain_run(refined):
         for stage in ("distill", "baseline")
     )
     assert distill["refine"]["mode"] == "on_policy" and distill["refine"]["on_policy_batches"] == 2
-    assert distill["refine"]["lr"] == pytest.approx(load_recipe(QUICKSTART, []).train.lr / 10)
+    assert distill["refine"]["lr"] == pytest.approx(load_recipe(QUICKSTART, []).train.lr / 30)
     assert baseline["refine"]["mode"] == "hard labels" and baseline["refine"]["steps"] == 2
 
 

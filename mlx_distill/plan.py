@@ -296,6 +296,8 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
         kd = recipe.loss.kind != "ce" and recipe.teacher.kind == "local"
         out["distill"] = train_terms(student, k=recipe.cache.k, kd=kd, **options)
         modes = {recipe.distill.mode, *(c.mode for c in recipe.distill.compare)}
+        if recipe.refine.steps:  # the refinement phase samples beside the teacher too
+            modes.add(recipe.refine.mode)
         if modes != {"offline"} and teacher_shape:  # the teacher is loaded beside the student
             out["distill"].update(
                 onpolicy_terms(teacher_shape, student, out["distill"], batch=t.batch_size, seq=seq)
@@ -303,9 +305,10 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, jobs: int = 1) 
     if "baseline" in stages and student:
         out["baseline"] = train_terms(student, k=0, kd=False, **options)
     if "eval" in stages and student:
-        shapes = [student] * (1 + ("baseline" in recipe.stages) + len(recipe.distill.compare)) + (
-            [teacher_shape] if teacher_shape else []
-        )
+        students = 1 + ("baseline" in recipe.stages) + len(recipe.distill.compare)
+        if recipe.refine.steps:  # both phases are evaluated
+            students += 1 + ("baseline" in recipe.stages)
+        shapes = [student] * students + ([teacher_shape] if teacher_shape else [])
         out["eval"] = eval_terms(
             shapes, batch=recipe.eval.batch_size, seq=seq + recipe.eval.max_new_tokens
         )

@@ -123,3 +123,16 @@ def test_on_policy_plan_counts_the_teacher_beside_the_student():
     added = mixed["stages"]["distill"]["peak_bytes"] - offline["stages"]["distill"]["peak_bytes"]
     assert added == terms["teacher_weights"] + terms["teacher_scoring"]
     assert mixed["stages"]["baseline"] == offline["stages"]["baseline"]
+
+
+def test_refinement_plan_counts_the_teacher_and_both_phases_evaluated():
+    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json").stdout)
+    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--set", "refine.steps=5")
+    assert proc.returncode == 0, proc.stderr
+    refined = json.loads(proc.stdout)["stages"]
+    teacher = Path(ROOT / "data/quickstart/teacher/model.safetensors").stat().st_size
+    assert 0.98 * teacher <= refined["distill"]["terms"]["teacher_weights"] <= teacher
+    # two more students in the eval stage: the KD student and the baseline before refinement
+    student = refined["distill"]["terms"]["weights"]
+    grown = refined["eval"]["terms"]["weights"] - offline["stages"]["eval"]["terms"]["weights"]
+    assert grown == 2 * student

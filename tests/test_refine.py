@@ -388,3 +388,48 @@ def test_bad_refine_keys_are_one_line_before_any_work(tmp_path, monkeypatch, cap
         code, _, err = main(monkeypatch, capsys, "run", str(QUICKSTART), *args)
         assert expect in one_line(code, err), err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_refinement_resumes_it_to_the_same_student(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extra = (
+        *REFINE[:3],
+        "refine.steps=6",
+        "refine.samples_per_prompt=2",
+        "train.checkpoint_every=1",
+    )
+    whole = cli(
+        "run", str(QUICKSTART), *quickstart_sets(tmp_path / "whole", *extra), "--jobs", "1",
+        "--no-progress", "--stage", "tokenizer", "--stage", "teacher", "--stage", "cache",
+        "--stage", "distill",
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = [sys.executable, "-m", "mlx_distill", "run", str(QUICKSTART)]
+    args += quickstart_sets(tmp_path / "killed", *extra) + ["--jobs", "1", "--no-progress"]
+    args += ["--stage", "tokenizer", "--stage", "teacher", "--stage", "cache", "--stage", "distill"]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "quickstart" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        steps = [json.loads(x).get("step", 0) for x in lines if '"distill-refine"' in x]
+        if steps and max(steps) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed in its refinement"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = cli(*args[3:], "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = tmp_path / "killed" / "quickstart"
+    refine = json.loads((run / "distill" / "stage.json").read_text())["result"]["refine"]
+    assert refine["resumed_from"] >= 2
+    for folder in ("student", "student-before-refine"):
+        a, b = _weights(tmp_path / "whole" / "quickstart" / folder), _weights(run / folder)
+        for key, value in a.items():
+            np.testing.assert_array_equal(np.array(b[key]), np.array(value), err_msg=key)

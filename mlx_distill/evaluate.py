@@ -205,6 +205,17 @@ def exposure(model, teacher, own: Sequence, ref: Sequence, batch_size: int = 32)
             out.append(TokenizedExample(tokens, mask))
         return [e for e in out if e.mask.any() and len(e.tokens) > 1]
 
+    def follows(m, pairs) -> float:
+        """Fraction of the answers' tokens that are `m`'s own argmax at their position."""
+        exs = examples(pairs)
+        head = lm_head(m)
+        counts = [0, 0]
+        for tokens, labels, mask in _batches(exs, batch_size):
+            top = _argmax_rows(hidden_states(m, tokens), head)
+            counts[0] += int(((top == labels) & mask).sum().item())
+            counts[1] += int(mask.sum().item())
+        return counts[0] / max(counts[1], 1)
+
     where = [first_departure(o[1], r[1]) for o, r in zip(own, ref)]
     edges = list(DEPARTURE_EDGES)
     counts = [0] * len(edges)
@@ -212,8 +223,10 @@ def exposure(model, teacher, own: Sequence, ref: Sequence, batch_size: int = 32)
         if w is not None:
             counts[int(np.searchsorted(edges, w, side="right")) - 1] += 1
     return {
-        "agree_teacher_text": top1_agreement(model, teacher, examples(ref), batch_size),
-        "agree_own_text": top1_agreement(model, teacher, examples(own), batch_size),
+        # The teacher's greedy answers are its own argmax chains, and the model's are its own:
+        # one forward pass each (the other side of the agreement is the text itself).
+        "agree_teacher_text": follows(model, ref),
+        "agree_own_text": follows(teacher, own),
         "same": sum(w is None for w in where),
         "departures": counts,
         "departure_bins": edges,

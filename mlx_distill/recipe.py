@@ -42,8 +42,25 @@ RefineOptimizer = Literal["fresh", "carry"]  # the refinement phase's AdamW stat
 
 
 @dataclass
+class DatasetConfig:
+    """How a data path that is a dataset folder or a Hub dataset id is read (through
+    `datasets`): its configuration, the split each key reads and the columns that hold the
+    record keys (mlx-lm's hf_dataset names). Not used for JSONL files."""
+
+    config: str | None = None  # the dataset's configuration (subset), e.g. gsm8k's "main"
+    train_split: str = "train"
+    valid_split: str = "validation"
+    test_split: str = "test"
+    prompt_feature: str = "prompt"  # with completion_feature: a prompt/completion record
+    completion_feature: str = "completion"
+    chat_feature: str = "messages"
+    text_feature: str = "text"
+
+
+@dataclass
 class DataConfig:
-    """Where the examples come from. Files are JSONL: prompt/completion, messages or text."""
+    """Where the examples come from: JSONL files (prompt/completion, messages or text), dataset
+    folders or Hub dataset ids (`org/name[@revision]`, read as `dataset` says)."""
 
     train: str | None = None  # required by every stage that trains or scores
     valid: str | None = None  # validation loss every train.eval_every steps (and at the end)
@@ -56,13 +73,14 @@ class DataConfig:
     # (<think>/</think>, Gemma 4's thought channel), else <think>/</think> as text.
     reasoning_open: str | None = None
     reasoning_close: str | None = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
 
 @dataclass
 class TokenizerConfig:
     """An existing tokenizer (`path`), or a SentencePiece model trained on data.train."""
 
-    path: str | None = None
+    path: str | None = None  # a folder, or a Hub model repo id (org/name[@revision])
     vocab_size: int = 8000  # a trained SentencePiece model's size (tokenizer.path unset)
     model_type: SentencePieceType = "bpe"  # SentencePiece model type
 
@@ -112,8 +130,9 @@ class TeacherConfig:
     """The teacher: a local mlx-lm folder, one the recipe trains, or Gemini."""
 
     kind: TeacherKind = "local"
-    path: str | None = None  # local: an mlx-lm folder; None: train `model` with `train`
-    init: str | None = None  # when training: start from this mlx-lm folder instead of `model`
+    # local: an mlx-lm folder or Hub model repo id (org/name[@revision]); None: train `model`
+    path: str | None = None
+    init: str | None = None  # when training: start from this mlx-lm folder (or id), not `model`
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(hidden_size=256, num_layers=8, intermediate_size=704)
     )
@@ -154,7 +173,7 @@ class StudentConfig:
     """The student: from `model` (config), an mlx-lm folder (pretrained) or the teacher's layers."""
 
     init: StudentInit = "config"
-    path: str | None = None  # init=pretrained
+    path: str | None = None  # init=pretrained: an mlx-lm folder or Hub model repo id
     layer_stride: int = 2  # init=teacher_layers: keep every k-th teacher layer (and the last)
     layers: list[int] | None = None  # init=teacher_layers: keep exactly these (overrides stride)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,7 +1,9 @@
 """Stage fingerprints, and why a stage is stale in words.
 
 A stage's fingerprint hashes its recipe sections, the recipe seed, the content of the data files
-it reads and its upstream stages' fingerprints (`table.TABLE`). `runs/<name>/<stage>/stage.json`
+it reads and its upstream stages' fingerprints (`table.TABLE`). A Hub cache folder in the recipe
+(`hub.resolve_recipe`) is hashed as `org/name@<commit>`: the revision a run used is recorded,
+and a moved cache keeps the fingerprints. `runs/<name>/<stage>/stage.json`
 records the fingerprint and its inputs, so a refusal can name the fields that changed.
 """
 
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from mlx_distill.context import Context, read_stage, stage_result
 from mlx_distill.errors import BadInput
 from mlx_distill.files import file_digest
+from mlx_distill.hub import folder_digest, portable
 from mlx_distill.recipe import STAGES, Recipe, fingerprint
 from mlx_distill.run.table import TABLE, group, upstream_of
 from mlx_distill.stages.kinds import teacher_kind
@@ -28,13 +32,16 @@ def stage_inputs(
     {stage: digest of what it produced} for stages whose output can grow under one
     fingerprint (a teacher continued after a stop); the stages downstream hash it.
     """
-    data_files = {k: file_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
+    data_files = {k: _data_digest(getattr(recipe.data, k)) for k in ("train", "valid", "test")}
     teacher_section, teacher_files = teacher_kind(recipe.teacher.kind).fingerprint_parts(recipe)
     contents = contents or {}
     prints: dict[str, str] = {}
     inputs: dict[str, dict] = {}
     resolved = recipe.to_dict()
     resolved["teacher"] = teacher_section
+    resolved = portable(resolved)
+    if not any(_is_dir(getattr(recipe.data, k)) for k in ("train", "valid", "test")):
+        del resolved["data"]["dataset"]  # read only for dataset folders
     # Keys added since: left out at their defaults, so existing runs keep their fingerprints.
     if not resolved["distill"]["compare"]:
         del resolved["distill"]["compare"]
@@ -61,6 +68,15 @@ def stage_inputs(
         prints[name] = fingerprint(payload)
         inputs[name] = payload
     return prints, inputs
+
+
+def _is_dir(path: str | None) -> bool:
+    return path is not None and Path(path).is_dir()
+
+
+def _data_digest(path: str | None) -> str:
+    """A data file's digest, a dataset folder's (its files, or a Hub snapshot's commit)."""
+    return folder_digest(path) if _is_dir(path) else file_digest(path)
 
 
 def contents(ctx: Context) -> dict[str, str]:

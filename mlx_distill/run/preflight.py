@@ -14,17 +14,20 @@ import json
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
+from mlx_distill.hub import resolve_recipe
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
 from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
-from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.data import read_jsonl, read_split
 from mlx_distill.text.tokenizer import already_loaded, load_tokenizer, vocab_hash
 from mlx_distill.train.distributed import check_batch
 from mlx_distill.train.onpolicy import check_templates
 
 
 def check_inputs(recipe: Recipe, stages: list[str]) -> None:
-    """Raise BadInput for the first bad input that the `stages` about to run would read."""
+    """Raise BadInput for the first bad input that the `stages` about to run would read.
+    Hub ids in the recipe are first replaced with their cache folders (fetched if missing)."""
+    resolve_recipe(recipe)
     selected = set(stages)
     records = {}
     for split in ("train", "valid", "test"):
@@ -37,7 +40,10 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
                 continue  # optional
             used_by = ", ".join(s for s in STAGES if s in users & selected)
             raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
-        records[split] = check_data_file(f"data.{split}", Path(value))
+        if Path(value).is_dir():  # a dataset folder (a Hub dataset id is one by now)
+            records[split] = read_split(recipe.data, split)
+        else:
+            records[split] = check_data_file(f"data.{split}", Path(value))
     if any(TABLE[s].reads for s in selected):  # every stage that reads data encodes it
         check_tokenizers(recipe, selected)
         check_renders(recipe, selected, records)

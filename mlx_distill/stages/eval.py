@@ -23,7 +23,7 @@ from mlx_distill.models import load_model, num_params
 from mlx_distill.stages import inputs
 from mlx_distill.tasks import get_checker
 from mlx_distill.text.chat import encode_records
-from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.data import read_split
 from mlx_distill.train import distributed
 
 
@@ -55,7 +55,7 @@ def evaluate_run(ctx: Context) -> dict:
     from tqdm import tqdm
 
     recipe = ctx.recipe
-    records = read_jsonl(recipe.data.test, limit=recipe.eval.num_examples)
+    records = read_split(recipe.data, "test", limit=recipe.eval.num_examples)
     check = get_checker(recipe.data.task)
     # In a distributed group each rank evaluates every W-th batch; rank 0 writes the results.
     shard = distributed.world() > 1

@@ -16,7 +16,7 @@ from mlx_distill.context import Context
 from mlx_distill.errors import BadInput
 from mlx_distill.evaluate import perplexity
 from mlx_distill.text.chat import encode_records
-from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.data import read_split
 from mlx_distill.text.tokenizer import load_tokenizer
 from mlx_distill.train import distributed
 from mlx_distill.train.checkpoint import Checkpoints
@@ -32,7 +32,7 @@ def tokenizer(ctx: Context):
 
 def train_records(ctx: Context) -> list[dict]:
     """The training split's records as read (the first data.max_train)."""
-    return read_jsonl(ctx.recipe.data.train, limit=ctx.recipe.data.max_train)
+    return read_split(ctx.recipe.data, "train", limit=ctx.recipe.data.max_train)
 
 
 def examples(
@@ -44,7 +44,7 @@ def examples(
     path = getattr(data, split)
     encoded, n_cut = encode_records(
         tokenizer,
-        read_jsonl(path, limit=limit),
+        read_split(data, split, limit=limit),
         max_len=data.max_seq_len + 1,
         train_on=data.train_on,
         what=str(path),

@@ -51,6 +51,25 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Record]:
     return records
 
 
+def read_split(data, split: str, limit: int | None = None) -> list[Record]:
+    """The records of data.<split> (`data`: recipe.DataConfig): a JSONL file, or a dataset
+    folder or Hub dataset id read through `datasets` with data.dataset's split and columns."""
+    path = getattr(data, split)
+    if Path(path).is_file():
+        return read_jsonl(path, limit)
+    from mlx_distill import hub
+    from mlx_distill.text.datasets import read_rows
+
+    folder = hub.dataset_folder(f"data.{split}", path)
+    if not Path(folder).is_dir():
+        return read_jsonl(path, limit)  # names the missing file
+    label, rows = read_rows(folder, data.dataset, split, limit)
+    records = [_normalize(row, Path(label), n) for n, row in enumerate(rows, 1)]
+    if not records:
+        raise BadInput(f"recipe key data.{split}: no rows in {label}")
+    return records
+
+
 def _record(fields: dict, where: str, shape: str) -> Record:
     record = Record(fields)
     record.source, record.shape = where, shape

@@ -65,15 +65,16 @@ def snapshot(key: str, repo: str, revision: str | None, kind: str, patterns: lis
     """The cache folder of `repo` (a model or dataset repo, per `kind`) at `revision` (None: the
     main branch) holding the files matching `patterns`: fetched when missing, unless offline.
     Every failure is one BadInput line that names the recipe key `key`."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
-        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    incomplete = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 1.x
 
     rev = revision or "main"
     what = f"Hub {kind} repo {repo} (revision {rev})"
@@ -88,6 +89,7 @@ def snapshot(key: str, repo: str, revision: str | None, kind: str, patterns: lis
             cache_dir=hub_cache(),
             allow_patterns=patterns,
             local_files_only=offline(),
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read at call time, like the rest
         )
     except GatedRepoError:
         raise BadInput(
@@ -103,12 +105,12 @@ def snapshot(key: str, repo: str, revision: str | None, kind: str, patterns: lis
         raise BadInput(
             f"recipe key {key}: the Hub {kind} repo {repo} has no revision {rev}"
         ) from None
-    except IncompleteSnapshotError:
-        raise BadInput(
-            f"recipe key {key}: the cached snapshot of {what} misses files and the Hub cannot "
-            f"be reached; run once online, or: {command}"
-        ) from None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as e:
+        if isinstance(e, incomplete):
+            raise BadInput(
+                f"recipe key {key}: the cached snapshot of {what} misses files and the Hub "
+                f"cannot be reached; run once online, or: {command}"
+            ) from None
         why = "HF_HUB_OFFLINE=1" if offline() else "the Hub cannot be reached"
         raise BadInput(
             f"recipe key {key}: {repo} is not a local path, {why}, and {hub_cache()} has no "

@@ -3,9 +3,11 @@
 HF_HUB_OFFLINE=1. No network."""
 
 import hashlib
+import http.server
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,90 @@ def test_recipe_keys_and_fingerprint_of_a_dataset_folder(tmp_path):
     assert inputs["distill"]["sections"]["data"]["dataset"]["train_split"] == "train"
     (folder / "train.jsonl").write_text(_as_jsonl([{"prompt": "a", "completion": "c"}]))
     assert stage_inputs(recipe)[0]["distill"] != prints["distill"]
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The Hub's API as huggingface_hub reads its refusals: 404 with X-Error-Code RepoNotFound
+    for repo `org/missing`, RevisionNotFound for any other repo's revision."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        code = "RepoNotFound" if "/org/missing/" in self.path else "RevisionNotFound"
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def online_home(tmp_path, monkeypatch):
+    """HF_HOME empty and online, HF_ENDPOINT a loopback fake of the Hub's API."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: an earlier test may have set it
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+
+
+def test_online_refusals_are_one_line(online_home, monkeypatch):
+    with pytest.raises(BadInput) as e:
+        hub.model_folder("teacher.path", "org/missing")
+    assert str(e.value) == (
+        "recipe key teacher.path: org/missing is not a local path, and the Hub has no model "
+        "repo org/missing (or it is private: set HF_TOKEN)"
+    )
+    with pytest.raises(BadInput) as e:
+        hub.dataset_folder("data.train", "org/present@v9")
+    assert (
+        str(e.value) == "recipe key data.train: the Hub dataset repo org/present has no revision v9"
+    )
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{tiny.free_ports(1)[0]}")  # nothing there
+    with pytest.raises(BadInput, match="org/any is not a local path, the Hub cannot be reached"):
+        hub.model_folder("tokenizer.path", "org/any")
+
+
+@pytest.mark.slow
+def test_teach_reads_a_dataset_folder_as_its_jsonl(tmp_path):
+    """The quickstart's training rows as parquet with other column names, mapped back by
+    data.dataset: the teacher cache holds the same rows and tokens as from the JSONL file."""
+    datasets = pytest.importorskip("datasets")
+    rows = read_jsonl(tiny.ROOT / "data" / "quickstart" / "train.jsonl", limit=16)
+    renamed = [
+        {"question": r["prompt"], "solution": r["completion"], "answer": r["answer"]} for r in rows
+    ]
+    folder = tmp_path / "arith"
+    folder.mkdir()
+    datasets.Dataset.from_list(renamed).to_parquet(str(folder / "train.parquet"))
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    manifests = []
+    for name, extra in (
+        ("jsonl", []),
+        (
+            "folder",
+            [
+                f"data.train={folder}",
+                "data.dataset.prompt_feature=question",
+                "data.dataset.completion_feature=solution",
+            ],
+        ),
+    ):
+        args = tiny.quickstart_sets(tmp_path / name, "student.init=config", *extra)
+        proc = tiny.cli("teach", "recipes/quickstart.yaml", *args, env=env)
+        assert proc.returncode == 0, proc.stderr
+        run = tmp_path / name / "quickstart"
+        manifests.append(json.loads((run / "cache" / "manifest.json").read_text()))
+    stage = json.loads((run / "cache" / "stage.json").read_text())
+    assert stage["inputs"]["sections"]["data"]["dataset"]["prompt_feature"] == "question"
+    assert stage["inputs"]["data_files"]["train"] == hub.folder_digest(folder)
+    assert manifests[0]["rows"] == manifests[1]["rows"] == 16
+    assert manifests[0]["tokens"] == manifests[1]["tokens"]
+    shards = [m["shards"] for m in manifests]
+    assert [s["sha256"] for s in shards[0]] == [s["sha256"] for s in shards[1]]

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def test_recipe_of_hub_ids_runs_offline_and_records_the_commit(offline_home, tmp
     assert teacher["inputs"]["sections"]["teacher"]["path"] == f"{REPO}@{COMMIT}"
     snapshot = offline_home / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     assert json.loads((run / "teacher" / "teacher.json").read_text())["path"] == str(snapshot)
+    saved = load_recipe(run / "recipe.yaml")  # the folder the run read
+    assert saved.teacher.path == saved.tokenizer.path == str(snapshot)
     manifest = json.loads((run / "cache" / "manifest.json").read_text())
     assert manifest["rows"] == 16
 
@@ -363,3 +366,21 @@ def test_teach_reads_a_dataset_folder_as_its_jsonl(tmp_path):
     assert manifests[0]["tokens"] == manifests[1]["tokens"]
     shards = [m["shards"] for m in manifests]
     assert [s["sha256"] for s in shards[0]] == [s["sha256"] for s in shards[1]]
+
+
+def test_without_datasets_a_dataset_folder_names_the_extra(tmp_path, monkeypatch):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(_as_jsonl(ROWS))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(BadInput, match=r"pip install 'mlx-distill\[hub\]'"):
+        read_split(DataConfig(train=str(folder)), "train")
+    jsonl = tmp_path / "train.jsonl"  # a JSONL file needs no datasets (and maps no columns)
+    jsonl.write_text(
+        _as_jsonl([{"prompt": r["question"], "completion": r["answer"]} for r in ROWS])
+    )
+    assert [r["completion"] for r in read_split(DataConfig(train=str(jsonl)), "train")] == [
+        "3",
+        "7",
+        "8",
+    ]

@@ -37,14 +37,16 @@ def _cache() -> str:
 
 
 def _load(folder: Path, config: str | None, split: str, key: str):
+    """The `split` of the dataset in `folder` (configuration `config`); `key`: data.<which>."""
     datasets = _datasets()
+    which = key.split(".")[-1]
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         loaded = datasets.load_from_disk(str(folder))  # a save_to_disk folder
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise BadInput(
                     f"recipe key {key}: {folder} has no split {split!r} (splits: "
-                    f"{', '.join(loaded)}); set data.dataset.{key.split('.')[-1]}_split"
+                    f"{', '.join(loaded)}); set data.dataset.{which}_split"
                 )
             return loaded[split]
         return loaded
@@ -52,7 +54,10 @@ def _load(folder: Path, config: str | None, split: str, key: str):
         return datasets.load_dataset(str(folder), name=config, split=split, cache_dir=_cache())
     except ValueError as e:  # an unknown split or configuration: datasets names the choices
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"recipe key {key}: {folder}: {message}") from None
+        raise BadInput(
+            f"recipe key {key}: {folder}: {message} (data.dataset.{which}_split: {split}, "
+            f"data.dataset.config: {config})"
+        ) from None
     except FileNotFoundError as e:
         raise BadInput(f"recipe key {key}: no data files in {folder}: {e}") from None
 

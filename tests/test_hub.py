@@ -384,3 +384,22 @@ def test_without_datasets_a_dataset_folder_names_the_extra(tmp_path, monkeypatch
         "7",
         "8",
     ]
+
+
+def test_chat_rows_from_parquet_read_as_written(tmp_path, home):
+    """Arrow gives every turn the keys of all turns; a turn reads back with only its own."""
+    datasets = pytest.importorskip("datasets")
+    conversation = [
+        {"role": "system", "content": "Be brief.", "name": "rules"},
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": "2"},
+    ]
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    rows = [{"conversation": conversation, "source": "hand"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "train.parquet"))
+    data = DataConfig(train=str(folder), dataset=DatasetConfig(chat_feature="conversation"))
+    (record,) = read_split(data, "train")
+    assert record["messages"] == conversation
+    assert record["source"] == "hand" and record.shape == "chat"
+    assert record["prompt"] == "1 + 1?" and record["completion"] == "2"

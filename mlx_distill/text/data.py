@@ -9,6 +9,9 @@ Every record also gets `prompt` and `completion` strings for code that needs one
 teacher's question, a report's sample): for messages, the turns before the last assistant turn
 other than system ones, joined by newlines, and the last assistant turn. `record.source` names
 the file and line, `record.shape` is "chat" or "text".
+
+`read_split` reads a recipe's split: a JSONL file here, a dataset folder or Hub dataset id
+through `text.datasets` (its rows checked as these lines are).
 """
 
 from __future__ import annotations

@@ -83,5 +83,12 @@ def read_rows(folder: str | Path, dataset: Any, split: str, limit: int | None = 
         for column, field in renames.items():
             if column in row:
                 record[field] = row[column]
+        if isinstance(record.get("messages"), list):
+            # Arrow gives every turn every key any turn has (None where it had none): drop those
+            # Nones, so a turn reads as written (no `tool_calls: None` on a plain answer).
+            record["messages"] = [
+                {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                for m in record["messages"]
+            ]
         rows.append(record)
     return f"{folder} [{name}]", rows

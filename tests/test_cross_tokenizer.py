@@ -158,7 +158,7 @@ def _recipe(tmp, teacher, **extra) -> dict:
     }
     for dotted, value in extra.items():
         section, key = dotted.split("__")
-        recipe[section][key] = value
+        recipe.setdefault(section, {})[key] = value
     return recipe
 
 

@@ -32,6 +32,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "ce"]
 TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
 DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
+Answers = Literal["data", "generate"]  # a local teacher's text: the data's answers, or its own
 TrainOn = Literal["assistant", "last"]  # which assistant turns of a conversation are trained
 StudentTrain = Literal["full", "lora", "dora"]  # which weights train (adapters: base frozen)
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
@@ -126,6 +127,16 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How a local teacher writes its own answers (teacher.answers: generate)."""
+
+    max_tokens: int = 512  # an answer cut off here is left out (not worth imitating)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.0  # 0: off
+    batch_size: int = 16  # prompts decoded together
+
+
+@dataclass
 class TeacherConfig:
     """The teacher: a local mlx-lm folder, one the recipe trains, or Gemini."""
 
@@ -138,6 +149,11 @@ class TeacherConfig:
     )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, lr=1e-3))
     gemini: GeminiConfig = field(default_factory=GeminiConfig)
+    # local: what text the student learns from. data: each training conversation's answers as
+    # the data has them, scored by the teacher; generate: the teacher's own answer to each
+    # conversation's last turn (sequence-level KD; token-level targets on it as well).
+    answers: Answers = "data"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     # An API teacher stopped before every prompt was answered (max_cost, an interrupt) leaves
     # the teacher stage incomplete; true lets the cache and distill stages use what it has.
     allow_partial: bool = False
@@ -408,6 +424,23 @@ class Recipe:
         if self.export.quantize_bits not in (None, 4, 8):
             raise BadInput("recipe key export.quantize_bits: must be 4, 8 or null")
         validate_gemini(self.teacher.gemini)
+        self._validate_answers()
+
+    def _validate_answers(self) -> None:
+        t, g = self.teacher, self.teacher.generation
+        if t.answers == "generate" and t.kind != "local":
+            raise BadInput(
+                "recipe key teacher.answers: generate is for a local teacher (a Gemini teacher "
+                "always answers the prompts itself)"
+            )
+        for key, value in (("max_tokens", g.max_tokens), ("batch_size", g.batch_size)):
+            if value < 1:
+                raise BadInput(f"recipe key teacher.generation.{key}: must be >= 1, got {value}")
+        if g.temperature < 0 or not 0.0 <= g.top_p <= 1.0:
+            raise BadInput(
+                "recipe key teacher.generation: temperature must be >= 0 and top_p in [0, 1], "
+                f"got {g.temperature} and {g.top_p}"
+            )
 
     def _validate_distill(self) -> None:
         d = self.distill

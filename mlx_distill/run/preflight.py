@@ -2,9 +2,10 @@
 
 Data files (UTF-8, JSONL shape, with the line), tokenizer folders (JSON files, loading, chat
 template), model folders (config.json, safetensors weights) and the tokenizer agreement between
-student, teacher and `tokenizer.path`: token-level targets need one vocabulary, and a student's
-weights only make sense with the tokenizer they were trained with (its own folder for
-`student.init: pretrained`, the teacher's for `teacher_layers`). In a distributed group, what
+student, teacher and `tokenizer.path`: a student's weights only make sense with the tokenizer
+they were trained with (its own folder for `student.init: pretrained`, the teacher's for
+`teacher_layers`), and a teacher with another tokenizer is distilled offline with aligned top-k
+targets. In a distributed group, what
 the group can run data-parallel (`check_group`).
 """
 
@@ -169,44 +170,88 @@ def check_model_folder(key: str, folder: Path):
 
 
 def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
-    """Folders the selected stages read, and one vocabulary for student, teacher and recipe."""
+    """Folders the selected stages read, and the tokenizer agreement the run needs: the
+    student's weights with the tokenizer they were trained with, and a teacher that shares it,
+    or a given local teacher with its own (cross-tokenizer: offline, top-k targets aligned by
+    character offsets, `teachers/cross.py`)."""
     tok_path = recipe.tokenizer.path
     recipe_tok = check_tokenizer_folder("tokenizer.path", Path(tok_path)) if tok_path else None
-    # The folders whose tokenizer must be the recipe's, with the reason.
-    owners: list[tuple[str, str, str]] = []  # (recipe key, folder, who)
     local = recipe.teacher.kind == "local"
     teacher_key = "teacher.path" if recipe.teacher.path else "teacher.init"
     teacher_dir = (recipe.teacher.path or recipe.teacher.init) if local else None
     student = recipe.student
+    student_users = {"tokenizer", "distill", "baseline"}
+    if student.init == "pretrained" and student.path and selected & student_users:
+        student_tok = check_model_folder("student.path", Path(student.path))
+        _same_tokenizer(recipe_tok, student_tok, student.path, "the student's")
     teacher_users = {"teacher", "cache", "eval"}
     if student.init == "teacher_layers":
         teacher_users |= {"distill", "baseline"}
-    if teacher_dir and selected & (teacher_users | {"tokenizer"}):
-        owners.append((teacher_key, teacher_dir, "the teacher's"))
-    student_users = {"tokenizer", "distill", "baseline"}
-    if student.init == "pretrained" and student.path and selected & student_users:
-        owners.append(("student.path", student.path, "the student's (student.init pretrained)"))
-    for key, folder, who in owners:
-        owner_tok = check_model_folder(key, Path(folder))
-        if recipe_tok is None:
-            raise BadInput(
-                f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but "
-                f"{who} is in {folder}; set tokenizer.path: {folder}"
-            )
-        mine, theirs = vocab_hash(recipe_tok), vocab_hash(owner_tok)
-        if mine != theirs:
-            raise BadInput(
-                f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
-                f"not match {who} in {folder} ({theirs}); set tokenizer.path: {folder}"
-            )
-    on_policy = (
+    if not (teacher_dir and selected & (teacher_users | {"tokenizer"})):
+        return
+    teacher_tok = check_model_folder(teacher_key, Path(teacher_dir))
+    if recipe_tok is None:
+        raise BadInput(
+            f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but the "
+            f"teacher's is in {teacher_dir}; set tokenizer.path: {teacher_dir} (or the "
+            "student's tokenizer folder, for a student with another vocabulary)"
+        )
+    if vocab_hash(recipe_tok) != vocab_hash(teacher_tok):
+        _cross_tokenizer_allowed(recipe, teacher_dir, teacher_key)
+        return
+    if _on_policy(recipe) and "distill" in selected:
+        # the teacher scores the student's text: both must read it in the same chat format
+        check_templates(recipe_tok, teacher_tok, teacher_dir)
+
+
+def _same_tokenizer(recipe_tok, owner_tok, folder: str, who: str) -> None:
+    if recipe_tok is None:
+        raise BadInput(
+            f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but "
+            f"{who} is in {folder}; set tokenizer.path: {folder}"
+        )
+    mine, theirs = vocab_hash(recipe_tok), vocab_hash(owner_tok)
+    if mine != theirs:
+        raise BadInput(
+            f"recipe key tokenizer.path: the tokenizer there (vocab hash {mine}) is not {who} "
+            f"in {folder} ({theirs}), which its weights were trained with; set "
+            f"tokenizer.path: {folder}"
+        )
+
+
+def _on_policy(recipe: Recipe) -> bool:
+    return (
         recipe.distill.mode != "offline"
         or any(c.mode != "offline" for c in recipe.distill.compare)
         or (recipe.refine.steps > 0 and recipe.refine.mode != "offline")
     )
-    if on_policy and "distill" in selected and teacher_dir and recipe_tok:
-        # the teacher scores the student's text: both must read it in the same chat format
-        check_templates(recipe_tok, check_model_folder(teacher_key, Path(teacher_dir)), teacher_dir)
+
+
+def _cross_tokenizer_allowed(recipe: Recipe, teacher_dir: str, teacher_key: str) -> None:
+    """A teacher whose tokenizer is not tokenizer.path's: what cross-tokenizer distillation
+    from a local teacher supports (offline, top-k, a given teacher folder), else one line."""
+    why = f"the teacher in {teacher_dir} has another tokenizer than tokenizer.path"
+    if teacher_key != "teacher.path":
+        raise BadInput(
+            f"recipe key teacher.init: {why}; a teacher the recipe trains uses the run's "
+            f"tokenizer: set tokenizer.path: {teacher_dir}"
+        )
+    if recipe.student.init == "teacher_layers":
+        raise BadInput(
+            f"recipe key student.init: teacher_layers copies the teacher's embeddings, and {why}; "
+            f"set tokenizer.path: {teacher_dir}"
+        )
+    if _on_policy(recipe):
+        raise BadInput(
+            f"recipe key distill.mode: on-policy distillation needs a teacher that reads the "
+            f"student's tokens, and {why}; cross-tokenizer distillation is offline only "
+            "(distill.mode, distill.compare modes and refine.mode: offline)"
+        )
+    if recipe.cache.targets != "topk":
+        raise BadInput(
+            f"recipe key cache.targets: {why}; its candidates are aligned to the student's "
+            "tokens as top-k targets: set cache.targets: topk"
+        )
 
 
 def check_group(recipe, stages: list[str], world: int) -> None:
@@ -226,6 +271,11 @@ def check_group(recipe, stages: list[str], world: int) -> None:
     ]
     if recipe.refine.steps:
         modes.append(("refine.mode", recipe.refine.mode))
+    if recipe.teacher.answers == "generate" and "teacher" in stages:
+        raise BadInput(
+            "recipe key teacher.answers: generate decodes the teacher's answers in one "
+            "process; run the teacher stage without a distributed group first"
+        )
     for key, mode in modes:
         if "distill" in stages and mode != "offline":
             raise BadInput(

@@ -24,6 +24,7 @@ from mlx_distill.stages import inputs
 from mlx_distill.tasks import get_checker
 from mlx_distill.text.chat import encode_records
 from mlx_distill.text.data import read_split
+from mlx_distill.text.tokenizer import vocab_hash
 from mlx_distill.train import distributed
 
 
@@ -62,6 +63,13 @@ def evaluate_run(ctx: Context) -> dict:
     bs = recipe.eval.batch_size
     mine = sum(len(records[i : i + bs]) for i in distributed.shard(range(0, len(records), bs)))
     loaded = {role: load_model(path) for role, path in run_models(ctx).items()}
+    vocab = {role: vocab_hash(tok) for role, (_, tok, _) in loaded.items()}
+
+    def shared(role: str) -> bool:
+        """Token-by-token comparisons with the teacher need its vocabulary (a teacher with
+        another tokenizer is compared by exact match and perplexity only)."""
+        return vocab[role] == vocab.get("teacher")
+
     results: dict[str, dict] = {}
     answers: dict[str, list] = {}  # role -> (prompt ids, greedy answer ids) per problem
     for role, (model, tokenizer, _) in loaded.items():
@@ -93,7 +101,12 @@ def evaluate_run(ctx: Context) -> dict:
                 i for i, ((o, _, _), r) in enumerate(zip(outputs, records)) if check(o, r["answer"])
             ]
             answers[role] = [(p, g) for _, p, g in outputs]
-            if role != "teacher" and "teacher" in answers and not role.startswith("student-q"):
+            if (
+                role != "teacher"
+                and "teacher" in answers
+                and not role.startswith("student-q")
+                and shared(role)
+            ):
                 # where it leaves the teacher's greedy answers (exposure bias), token by token
                 teacher = loaded["teacher"][0]
                 row["exposure"] = exposure(model, teacher, answers[role], answers["teacher"])
@@ -105,7 +118,7 @@ def evaluate_run(ctx: Context) -> dict:
             max_new_tokens=recipe.eval.max_new_tokens,
             shard=shard,
         )
-        if role != "teacher" and "teacher" in loaded:
+        if role != "teacher" and "teacher" in loaded and shared(role):
             teacher = loaded["teacher"][0]
             row["top1_agreement"] = top1_agreement(model, teacher, examples, shard=shard)
         results[role] = row

@@ -1,8 +1,11 @@
 """A local teacher: any mlx-lm model folder (full precision or 4/8-bit quantized).
 
 `score` runs tokenized sequences through the model in batches and returns sparse targets
-(top-k or sampled) for the positions that carry loss; `generate` answers prompts with sampling
-parameters (sequence-level KD). Token targets need the student's tokenizer: compare
+(top-k or sampled) for the positions that carry loss; `generate` / `generate_ids` answer
+prompts with sampling parameters (sequence-level KD); `answer_logprobs` reads answers in the
+teacher's own tokens (a teacher with another tokenizer: `teachers/cross.py` aligns its
+candidates to the student's tokens). Token targets in the teacher's ids need the student's
+tokenizer: compare
 `teacher.vocab_hash` (the token -> id map), not only the size. Models whose embedding has more
 rows than the tokenizer has ids (Qwen2.5 pads 151,665 ids to 151,936 rows) get their logits cut
 to the tokenizer's ids and renormalized; a warning says so once.
@@ -190,8 +193,6 @@ class LocalTeacher:
         seed and batch_size give the same answers. finish_reason is "stop" when the model ended
         the answer, "length" when it hit max_tokens.
         """
-        from mlx_lm import batch_generate
-        from mlx_lm.sample_utils import make_sampler
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
         tokenizer = self.tokenizer
@@ -205,24 +206,83 @@ class LocalTeacher:
                 encoded.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
             else:
                 encoded.append(tokenizer.encode(prompt))
+        answers = self.generate_ids(
+            encoded,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        results = []
+        for prompt, ids, (text, tokens, reason) in zip(prompts, encoded, answers):
+            usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens)}
+            results.append(Completion(prompt, text, finish_reason=reason, usage=usage))
+        return results
+
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        batch_size: int = 32,
+    ) -> list[tuple[str, list[int], str]]:
+        """(text, answer ids, finish_reason) for each tokenized prompt, decoded in batches with
+        mlx-lm's continuous batching; the RNG is seeded once, so the same prompts, seed and
+        batch_size give the same answers. finish_reason is "stop" when the model ended the
+        answer (its end token is not returned), "length" when it hit max_tokens."""
+        from mlx_lm import batch_generate
+        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        tokenizer = self.tokenizer
+        if not isinstance(tokenizer, TokenizerWrapper):
+            tokenizer = TokenizerWrapper(tokenizer)
         mx.random.seed(seed)
         out = batch_generate(
             self.model,
             tokenizer,
-            encoded,
+            prompts,
             max_tokens=max_tokens,
             sampler=make_sampler(temp=temperature, top_p=top_p, top_k=top_k),
             return_token_ids=True,
             completion_batch_size=batch_size,
             prefill_batch_size=min(batch_size, 8),
         )
-        results = []
-        for prompt, ids, tokens, text in zip(prompts, encoded, out.token_ids, out.texts):
-            # the end-of-answer token is not returned, so a short answer is a stopped one
-            reason = "length" if len(tokens) >= max_tokens else "stop"
-            usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens)}
-            results.append(Completion(prompt, text, finish_reason=reason, usage=usage))
-        return results
+        return [
+            (text, list(tokens), "length" if len(tokens) >= max_tokens else "stop")
+            for tokens, text in zip(out.token_ids, out.texts)
+        ]
+
+    def answer_logprobs(
+        self, sequences: Sequence[np.ndarray], starts: Sequence[int], *, k: int, temperature: float
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The teacher's view of answers it reads in its own tokens (teacher forcing).
+
+        sequences: prompt + answer ids per row; starts: where each row's answer begins.
+        Returns per row, over its answer tokens i (predicted at position start + i - 1):
+        the log-prob of the token itself (n,), and the top-k candidates' ids and log-probs
+        (n, k), at `temperature`."""
+        T = max(len(s) for s in sequences)
+        batch = np.zeros((len(sequences), T), dtype=np.int32)
+        for r, seq in enumerate(sequences):
+            batch[r, : len(seq)] = seq
+        chunk = max(1, self.max_logits_bytes // (self.vocab_size * T * 4))
+        out = []
+        for c0 in range(0, len(sequences), chunk):
+            logits = self._logits(mx.array(batch[c0 : c0 + chunk]))
+            for r in range(logits.shape[0]):
+                seq, start = sequences[c0 + r], starts[c0 + r]
+                lp = tempered_logprobs(logits[r, start - 1 : len(seq) - 1], temperature)
+                chosen = mx.take_along_axis(lp, mx.array(seq[start:])[:, None], axis=-1)[:, 0]
+                ids, vals = topk_targets(lp, k)
+                out.append((np.array(chosen, dtype=np.float32), ids, vals))
+        return out
 
 
 def _weights_hash(model: nn.Module) -> str:

@@ -84,11 +84,42 @@ def test_the_teachers_own_template_is_checked_on_the_test_split(monkeypatch, cap
         (
             {
                 "messages": [
-                    {"role": "tool", "content": "{}"},
+                    {"role": "function", "content": "{}"},
                     {"role": "assistant", "content": "3"},
                 ]
             },
-            "message 1 has role 'tool'; roles are system, user, assistant",
+            "message 1 has role 'function'; roles are system, user, assistant, tool",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "content": None, "tool_calls": {"name": "add"}},
+                ]
+            },
+            "message 2: tool_calls must be a non-empty list",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "add"}}]},
+                ]
+            },
+            "message 2 tool call 1: arguments must be an object or a JSON string",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "content": "3", "reasoning_content": ["add"]},
+                ]
+            },
+            "message 2: reasoning_content must be a string",
+        ),
+        (
+            {"tools": {"name": "add"}, "prompt": "1 + 2?", "completion": "3"},
+            "tools must be a non-empty list of function schemas",
         ),
         (
             {"messages": [{"role": "system", "content": "Hi."}, {"role": "user", "content": "1?"}]},

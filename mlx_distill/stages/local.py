@@ -66,7 +66,7 @@ class LocalKind:
         return {
             "path": str(path),
             "trained": True,
-            **inputs.cut_summary(cut),
+            **inputs.data_summary(cut),
             "parameters": num_params(model),
             "seconds": round(result.seconds, 1),
         }
@@ -99,7 +99,7 @@ class LocalKind:
         if distributed.world() > 1:  # each rank wrote its shards: rank 0 writes the manifest
             distributed.barrier()
             manifest = distributed.on_main(lambda: merge_rank_manifests(ctx.stage_dir("cache")))
-        return {"rows": manifest["rows"], "tokens": manifest["tokens"], **inputs.cut_summary(cut)}
+        return {"rows": manifest["rows"], "tokens": manifest["tokens"], **inputs.data_summary(cut)}
 
     @classmethod
     def cache_expect(cls, ctx: Context, tokenizer: Any) -> dict[str, Any]:

@@ -192,22 +192,26 @@ class Counts:
     def line(self, what: str, max_seq_len: int) -> str:
         """One line for the console: rows and trained turns, and why rows differ from records."""
         text = (
-            f"{what}: {self.records} records -> {self.rows} rows, {self.turns} assistant turns "
-            "trained"
+            f"{what}: {_n(self.records, 'record')} -> {_n(self.rows, 'row')}, "
+            f"{_n(self.turns, 'assistant turn')} trained"
         )
         if self.split:
             text += (
-                f" ({self.split} conversations split per turn: the chat template renders earlier "
-                "turns differently)"
+                f" ({_n(self.split, 'conversation')} split per turn: the chat template renders "
+                "earlier turns differently)"
             )
         if self.cut:
-            text += f"; {self.cut} rows cut to data.max_seq_len ({max_seq_len} tokens)"
+            text += f"; {_n(self.cut, 'row')} cut to data.max_seq_len ({max_seq_len} tokens)"
         if self.dropped:
             text += (
-                f"; {self.dropped} rows dropped: nothing trained within data.max_seq_len "
+                f"; {_n(self.dropped, 'row')} dropped: nothing trained within data.max_seq_len "
                 f"({max_seq_len})"
             )
         return text
+
+
+def _n(count: int, thing: str) -> str:
+    return f"{count} {thing}" + ("" if count == 1 else "s")
 
 
 class ChatEncoder:

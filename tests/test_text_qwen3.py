@@ -193,6 +193,30 @@ def test_rows_left_untrained_by_the_cut_are_dropped_and_counted(tmp_path, capsys
         encode_records(tok, records[1:2], max_len=41, what="d.jsonl")
 
 
+def test_a_template_that_keeps_history_trains_the_tool_call_in_one_row(tmp_path):
+    if not available("gemma4"):
+        pytest.skip("no gemma4 fixture")
+    tok = load("gemma4")  # renders tools, tool calls and tool turns, history unchanged
+    (record,) = _records(tmp_path, TOOL_USE)
+    (ex,) = ChatEncoder(tok, max_len=4096).encode(record)
+    call, answer = (_decode(tok, ex.tokens[a:b]) for a, b in true_spans(ex.mask))
+    assert "get_weather" in call and "Paris" in call and call.endswith("<turn|>")
+    assert answer == "Yes, it is raining (12 C).<turn|>"
+    assert "declaration:get_weather" in _decode(tok, ex.tokens[: true_spans(ex.mask)[0][0]])
+
+
+def test_a_template_that_drops_tools_is_refused(tmp_path):
+    tok = load("qwen2")  # the fixture's Qwen2 template has no tools branch
+    (record,) = _records(tmp_path, TOOL_USE)
+    with pytest.raises(BadInput, match="line 1: the chat template does not render the record's"):
+        ChatEncoder(tok, max_len=4096).encode(record)
+    calls_only = dict(TOOL_USE)
+    del calls_only["tools"]
+    (record,) = _records(tmp_path, calls_only)
+    with pytest.raises(BadInput, match="does not render the tool calls of assistant turn 2"):
+        ChatEncoder(tok, max_len=4096).encode(record)
+
+
 def test_tool_use_needs_a_chat_template(tmp_path):
     tok = load("qwen3")
     (record,) = _records(tmp_path, TOOL_USE)

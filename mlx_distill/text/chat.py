@@ -210,6 +210,11 @@ class Counts:
         return text
 
 
+def _tool_names(items: list) -> list[str]:
+    """Function names of tool schemas or tool calls (each the function, or {"function": ...})."""
+    return [item.get("function", item)["name"] for item in items]
+
+
 def _n(count: int, thing: str) -> str:
     return f"{count} {thing}" + ("" if count == 1 else "s")
 
@@ -266,6 +271,12 @@ class ChatEncoder:
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         last = turns[-1]
         full = self._render(messages[: last + 1], False, where, tools)
+        missing = [name for name in _tool_names(tools or []) if name not in full]
+        if missing:  # the student would be trained to call tools it was never shown
+            raise BadInput(
+                f"{where}: the chat template does not render the record's tools ({missing[0]!r} "
+                "is missing from its text); use a template that renders tools"
+            )
         trained = turns if self.train_on == "assistant" else [last]
         earlier = [i for i in trained if i < last]
         if all(self._renders_alike(messages, i, full, where, tools) for i in earlier):
@@ -295,6 +306,12 @@ class ChatEncoder:
                 raise BadInput(
                     f"{where}: the chat template dropped the end-of-turn token "
                     f"{self.end_text!r} after assistant turn {i + 1}"
+                )
+            calls = _tool_names(messages[i].get("tool_calls") or [])
+            if any(name not in full[start:end] for name in calls):
+                raise BadInput(
+                    f"{where}: the chat template does not render the tool calls of assistant "
+                    f"turn {i + 1} ({calls[0]!r}); use a template that renders tool calls"
                 )
             spans.append((start, end + len(self.end_text)))
         return full[: spans[-1][1]], spans

@@ -51,6 +51,28 @@ def test_a_template_that_rejects_a_record_is_refused_before_any_work(monkeypatch
     assert not runs.exists()
 
 
+def test_a_template_that_drops_a_records_tools_is_refused_before_any_work(
+    monkeypatch, capsys, tmp_path
+):
+    # The quickstart's template has no tools branch: the student would learn tool calls blind.
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    data = _data(tmp_path, dict(SYSTEM_ROW, tools=[tool]))
+    runs = tmp_path / "runs"
+    code, _, err = main(
+        monkeypatch,
+        capsys,
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, f"data.train={data}"),
+    )
+    assert one_line(code, err) == (
+        f"error: {data} line 3: the chat template does not render the record's tools ('add' is "
+        "missing from its text); use a template that renders tools (chat template of the "
+        "tokenizer in data/quickstart/teacher)"
+    )
+    assert not runs.exists()
+
+
 def test_the_teachers_own_template_is_checked_on_the_test_split(monkeypatch, capsys, tmp_path):
     # Same vocabulary as the recipe's tokenizer, another template: eval renders the test split
     # with the teacher's own.

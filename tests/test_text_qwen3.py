@@ -128,11 +128,17 @@ def test_train_on_last_keeps_one_row_with_the_last_turn_only(tmp_path):
 
 def test_a_template_that_keeps_history_keeps_one_row_per_conversation(tmp_path):
     tok = load("qwen2")  # renders every turn the same inside a longer conversation
-    (record,) = _records(tmp_path, {"messages": THINKING})
+    inline = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in THINKING]
+    (record,) = _records(tmp_path, {"messages": inline})
     encoder = ChatEncoder(tok, max_len=4096)
     (ex,) = encoder.encode(record)
     assert len(true_spans(ex.mask)) == 3 and "turn" not in ex.text
+    assert "Add them: 2 + 3 = 5." in _decode(tok, ex.tokens[ex.mask])  # a thought as text
     assert (encoder.counts.rows, encoder.counts.turns, encoder.counts.split) == (1, 3, 0)
+    # Its template has no place for reasoning_content: refused, not silently left out.
+    (record,) = _records(tmp_path, {"messages": THINKING})
+    with pytest.raises(BadInput, match="does not render the reasoning_content of assistant turn 5"):
+        encoder.encode(record)
 
 
 def test_tools_render_their_schemas_and_the_tool_call_is_trained(tmp_path):

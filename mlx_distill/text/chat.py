@@ -313,6 +313,13 @@ class ChatEncoder:
                     f"{where}: the chat template does not render the tool calls of assistant "
                     f"turn {i + 1} ({calls[0]!r}); use a template that renders tool calls"
                 )
+            thought = (messages[i].get("reasoning_content") or "").strip()
+            if thought and thought not in full[start:end]:
+                raise BadInput(
+                    f"{where}: the chat template does not render the reasoning_content of "
+                    f"assistant turn {i + 1}; put the reasoning in content or use a template "
+                    "that renders it"
+                )
             spans.append((start, end + len(self.end_text)))
         return full[: spans[-1][1]], spans
 

@@ -52,7 +52,7 @@ def test_chat_encoding_masks_the_answer_only(tokenizer_dir):
     short_encoder = ChatEncoder(tok, max_len=len(head) + 3)
     (short,) = short_encoder.encode(p)
     assert len(short.tokens) == len(head) + 3 and short.mask.sum() == 3
-    assert short_encoder.cut == 1 and encoder.cut == 0
+    assert short_encoder.counts.cut == 1 and encoder.counts.cut == 0
 
 
 def test_vocab_hash_distinguishes_tokenizers(tokenizer_dir, tmp_path):

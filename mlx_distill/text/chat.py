@@ -236,11 +236,6 @@ class ChatEncoder:
         self.end_text, self.end_id = end_of_turn(tokenizer)
         self.counts = Counts()
 
-    @property
-    def cut(self) -> int:
-        """Rows cut at max_len that kept a trained token."""
-        return self.counts.cut
-
     # -- text ----------------------------------------------------------------------------
 
     def _render(self, messages: list[dict], generation_prompt: bool, where: str, tools) -> str:

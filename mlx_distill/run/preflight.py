@@ -50,8 +50,8 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
     split too (the eval stage scores the teacher with its tokenizer). One record per distinct
     sequence of roles (and tools, tool calls) is rendered, the way the encoder does (prefix by
     prefix): what a template checks (a system turn it rejects, alternating roles) depends on
-    those. A trained
-    SentencePiece tokenizer uses the project's own template, which renders every known role.
+    those. A trained SentencePiece tokenizer uses the project's own template, which renders
+    every known role.
     """
     if not recipe.tokenizer.path:
         return

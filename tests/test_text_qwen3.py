@@ -6,11 +6,12 @@ import json
 
 import pytest
 from real_tokenizers import available, load
-from tiny import true_spans
+from tiny import ROOT, true_spans
 
 from mlx_distill.errors import BadInput
 from mlx_distill.text.chat import ChatEncoder, encode_records, record_prompt
 from mlx_distill.text.data import read_jsonl
+from mlx_distill.text.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not available("qwen3"), reason="no qwen3 fixture")
 
@@ -221,6 +222,11 @@ def test_a_template_that_drops_tools_is_refused(tmp_path):
     (record,) = _records(tmp_path, calls_only)
     with pytest.raises(BadInput, match="does not render the tool calls of assistant turn 2"):
         ChatEncoder(tok, max_len=4096).encode(record)
+    quickstart = load_tokenizer(ROOT / "data/quickstart/teacher")  # knows no tool role
+    answered = {"messages": [TOOL_USE["messages"][0], *TOOL_USE["messages"][2:]]}
+    (record,) = _records(tmp_path, answered)
+    with pytest.raises(BadInput, match="does not render tool turns \\(message 2\\)"):
+        ChatEncoder(quickstart, max_len=4096).encode(record)
 
 
 def test_tool_use_needs_a_chat_template(tmp_path):

@@ -272,6 +272,12 @@ class ChatEncoder:
                 f"{where}: the chat template does not render the record's tools ({missing[0]!r} "
                 "is missing from its text); use a template that renders tools"
             )
+        for n, m in enumerate(messages[:last], 1):
+            if m["role"] == "tool" and m["content"].strip() not in full:
+                raise BadInput(
+                    f"{where}: the chat template does not render tool turns (message {n}); use "
+                    "a template that renders them"
+                )
         trained = turns if self.train_on == "assistant" else [last]
         earlier = [i for i in trained if i < last]
         if all(self._renders_alike(messages, i, full, where, tools) for i in earlier):

@@ -51,6 +51,28 @@ def test_a_template_that_rejects_a_record_is_refused_before_any_work(monkeypatch
     assert not runs.exists()
 
 
+def test_a_template_that_drops_a_records_tools_is_refused_before_any_work(
+    monkeypatch, capsys, tmp_path
+):
+    # The quickstart's template has no tools branch: the student would learn tool calls blind.
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    data = _data(tmp_path, dict(SYSTEM_ROW, tools=[tool]))
+    runs = tmp_path / "runs"
+    code, _, err = main(
+        monkeypatch,
+        capsys,
+        "run",
+        "recipes/quickstart.yaml",
+        *quickstart_sets(runs, f"data.train={data}"),
+    )
+    assert one_line(code, err) == (
+        f"error: {data} line 3: the chat template does not render the record's tools ('add' is "
+        "missing from its text); use a template that renders tools (chat template of the "
+        "tokenizer in data/quickstart/teacher)"
+    )
+    assert not runs.exists()
+
+
 def test_the_teachers_own_template_is_checked_on_the_test_split(monkeypatch, capsys, tmp_path):
     # Same vocabulary as the recipe's tokenizer, another template: eval renders the test split
     # with the teacher's own.
@@ -84,11 +106,42 @@ def test_the_teachers_own_template_is_checked_on_the_test_split(monkeypatch, cap
         (
             {
                 "messages": [
-                    {"role": "tool", "content": "{}"},
+                    {"role": "function", "content": "{}"},
                     {"role": "assistant", "content": "3"},
                 ]
             },
-            "message 1 has role 'tool'; roles are system, user, assistant",
+            "message 1 has role 'function'; roles are system, user, assistant, tool",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "content": None, "tool_calls": {"name": "add"}},
+                ]
+            },
+            "message 2: tool_calls must be a non-empty list",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "add"}}]},
+                ]
+            },
+            "message 2 tool call 1: arguments must be an object or a JSON string",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "1 + 2?"},
+                    {"role": "assistant", "content": "3", "reasoning_content": ["add"]},
+                ]
+            },
+            "message 2: reasoning_content must be a string",
+        ),
+        (
+            {"tools": {"name": "add"}, "prompt": "1 + 2?", "completion": "3"},
+            "tools must be a non-empty list of function schemas",
         ),
         (
             {"messages": [{"role": "system", "content": "Hi."}, {"role": "user", "content": "1?"}]},

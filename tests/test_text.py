@@ -42,7 +42,7 @@ def test_chat_encoding_masks_the_answer_only(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     p = arithmetic.generate(1, 5)[0]
     encoder = ChatEncoder(tok, max_len=512)
-    ex = encoder.encode(p)
+    (ex,) = encoder.encode(p)
     head = tok.encode(prompt_text(tok, p["prompt"]), add_special_tokens=False)
     assert list(ex.tokens[: len(head)]) == head
     assert not ex.mask[: len(head)].any() and ex.mask[len(head) :].all()
@@ -50,9 +50,9 @@ def test_chat_encoding_masks_the_answer_only(tokenizer_dir):
     assert encoder.end_id == tok.eos_token_id and ex.tokens[-1] == tok.eos_token_id
     assert tok.decode(ex.tokens[ex.mask].tolist()) == p["completion"] + encoder.end_text
     short_encoder = ChatEncoder(tok, max_len=len(head) + 3)
-    short = short_encoder.encode(p)
+    (short,) = short_encoder.encode(p)
     assert len(short.tokens) == len(head) + 3 and short.mask.sum() == 3
-    assert short_encoder.cut == 1 and encoder.cut == 0
+    assert short_encoder.counts.cut == 1 and encoder.counts.cut == 0
 
 
 def test_vocab_hash_distinguishes_tokenizers(tokenizer_dir, tmp_path):
@@ -114,7 +114,7 @@ def test_quickstart_ids_and_masks_are_unchanged(split, n):
     encoder = ChatEncoder(tok, max_len=129)
     digest = hashlib.sha256()
     for record in read_jsonl(root / f"{split}.jsonl", limit=n):
-        ex = encoder.encode(record)
+        (ex,) = encoder.encode(record)
         digest.update(ex.tokens.astype("<i4").tobytes())
         digest.update(ex.mask.astype(np.uint8).tobytes())
     assert digest.hexdigest() == QUICKSTART_IDS[split, n]
@@ -135,11 +135,11 @@ def test_messages_keep_every_turn_and_text_records_end_with_eos(tokenizer_dir, t
     assert chat["messages"] == turns and chat.source == f"{path} line 1"
     whole = tok.apply_chat_template(turns, tokenize=False)
     for train_on, answers in (("assistant", ["2", "4"]), ("last", ["4"])):
-        ex = ChatEncoder(tok, max_len=512, train_on=train_on).encode(chat)
+        (ex,) = ChatEncoder(tok, max_len=512, train_on=train_on).encode(chat)
         assert tok.decode(ex.tokens.tolist()) + "\n" == whole  # every turn, system included
         ids, mask = ex.tokens.tolist(), ex.mask.tolist()
         spans = [ids[i] for i in range(len(ids)) if mask[i]]
         assert tok.decode(spans) == "".join(a + "<|end|>" for a in answers)
-    ex = ChatEncoder(tok, max_len=512).encode(text)
+    (ex,) = ChatEncoder(tok, max_len=512).encode(text)
     assert ex.mask[1:].all() and ex.tokens[-1] == tok.eos_token_id
     assert tok.decode(ex.tokens.tolist()) == "<s>3+3=6<|end|>"

@@ -29,7 +29,7 @@ def test_assistant_turns_trained_each_ending_with_the_end_of_turn_token(name):
     assert end_of_turn(tok) == (FACTS[name]["end_of_turn"], eot)
     whole = tok.apply_chat_template(TURNS, tokenize=False)
     for train_on, answers in (("assistant", ["Paris.", "Rome."]), ("last", ["Rome."])):
-        ex = ChatEncoder(tok, max_len=4096, train_on=train_on).encode({"messages": TURNS})
+        (ex,) = ChatEncoder(tok, max_len=4096, train_on=train_on).encode({"messages": TURNS})
         ids = ex.tokens.tolist()
         assert whole.startswith(tok.decode(ids, skip_special_tokens=False))  # all turns kept
         assert "You answer in one word." in tok.decode(ids)  # the system turn too
@@ -55,7 +55,7 @@ def test_a_seam_inside_one_pretoken_is_cut_at_the_boundary():
         pytest.skip("no qwen2 fixture")
     tok = load("qwen2")
     record = {"prompt": "Say hi", "completion": "\n\nHi"}
-    ex = ChatEncoder(tok, max_len=4096).encode(record)
+    (ex,) = ChatEncoder(tok, max_len=4096).encode(record)
     head = tok.apply_chat_template(
         [{"role": "user", "content": "Say hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -87,7 +87,7 @@ def test_plain_format_without_a_chat_template(tmp_path):
     tok._tokenizer.chat_template = None
     try:
         enc = ChatEncoder(tok, max_len=4096)
-        ex = enc.encode({"messages": TURNS})
+        (ex,) = enc.encode({"messages": TURNS})
     finally:
         tok._tokenizer.chat_template = saved
     text = tok.decode(ex.tokens.tolist(), skip_special_tokens=False)

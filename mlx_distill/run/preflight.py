@@ -18,7 +18,7 @@ from mlx_distill.errors import BadInput
 from mlx_distill.hub import resolve_recipe
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
-from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
+from mlx_distill.text.chat import ChatEncoder, conversation_shape, record_shape
 from mlx_distill.text.data import read_jsonl, read_split
 from mlx_distill.text.tokenizer import already_loaded, load_tokenizer, vocab_hash
 from mlx_distill.train.distributed import check_batch
@@ -55,9 +55,10 @@ def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) 
 
     The recipe's tokenizer encodes every split; a local teacher's own folder encodes the test
     split too (the eval stage scores the teacher with its tokenizer). One record per distinct
-    sequence of roles is rendered, the way the encoder does (prefix by prefix): what a
-    template checks (a system turn it rejects, alternating roles) depends on those. A trained
-    SentencePiece tokenizer uses the project's own template, which renders every known role.
+    sequence of roles (and tools, tool calls) is rendered, the way the encoder does (prefix by
+    prefix): what a template checks (a system turn it rejects, alternating roles) depends on
+    those. A trained SentencePiece tokenizer uses the project's own template, which renders
+    every known role.
     """
     if not recipe.tokenizer.path:
         return
@@ -77,10 +78,10 @@ def _render_each_shape(tokenizer, records: list, train_on: str, folder: str) -> 
         for record in records:
             if record_shape(record) == "text":
                 continue
-            roles = tuple(m["role"] for m in record_messages(record))
-            if roles not in seen:
-                seen.add(roles)
-                encoder.spans(record)  # a template error names the record's file and line
+            shape = conversation_shape(record)
+            if shape not in seen:
+                seen.add(shape)
+                encoder.rows(record)  # a template error names the record's file and line
     except BadInput as e:
         raise BadInput(f"{e} (chat template of the tokenizer in {folder})") from None
 

@@ -177,7 +177,7 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
         "resumed_from": result.resumed_from,
         **group_summary(result),
         "path": str(out_dir(ctx, run)),
-        **inputs.cut_summary(cut),
+        **inputs.data_summary(cut),
     }
     if mode != "offline":  # the time split of this process's on-policy work
         summary.update(onpolicy_summary(batches))

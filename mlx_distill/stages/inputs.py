@@ -38,11 +38,11 @@ def train_records(ctx: Context) -> list[dict]:
 def examples(
     ctx: Context, tokenizer, split: str = "train", limit: int | None = None, cut: dict | None = None
 ):
-    """The split's records through the chat encoder; rows cut at data.max_seq_len are counted
-    (into `cut[split]`) and reported in one line."""
+    """The split's records through the chat encoder (a record may give several rows, or none);
+    the `text.chat.Counts` go into `cut[split]`."""
     data = ctx.recipe.data
     path = getattr(data, split)
-    encoded, n_cut = encode_records(
+    encoded, counts = encode_records(
         tokenizer,
         read_split(data, split, limit=limit),
         max_len=data.max_seq_len + 1,
@@ -50,14 +50,16 @@ def examples(
         what=str(path),
     )
     if cut is not None:
-        cut[split] = n_cut
+        cut[split] = counts
     return encoded
 
 
-def cut_summary(cut: dict) -> dict:
-    """Stage-summary entries for rows cut at data.max_seq_len: rows_cut (train), valid_rows_cut."""
+def data_summary(cut: dict) -> dict:
+    """Stage-summary entries of the encoded splits: `data` (train), `valid_data`, each with
+    records, rows, turns_trained, split_per_turn, rows_cut, rows_dropped."""
     return {
-        ("rows_cut" if split == "train" else f"{split}_rows_cut"): n for split, n in cut.items()
+        ("data" if split == "train" else f"{split}_data"): counts.summary()
+        for split, counts in cut.items()
     }
 
 

@@ -75,7 +75,7 @@ class LocalKind:
         return {
             "path": str(path),
             "trained": True,
-            **inputs.cut_summary(cut),
+            **inputs.data_summary(cut),
             "parameters": num_params(model),
             "seconds": round(result.seconds, 1),
             **cls._answers(ctx, path),
@@ -150,7 +150,11 @@ class LocalKind:
         if distributed.world() > 1:  # each rank wrote its shards: rank 0 writes the manifest
             distributed.barrier()
             manifest = distributed.on_main(lambda: merge_rank_manifests(ctx.stage_dir("cache")))
-        result = {"rows": manifest["rows"], "tokens": manifest["tokens"], **inputs.cut_summary(cut)}
+        result = {
+            "rows": manifest["rows"],
+            "tokens": manifest["tokens"],
+            **inputs.data_summary(cut),
+        }
         if isinstance(scorer, cross.CrossTeacher):
             cov = scorer.coverage()
             extra["coverage"] = cov

@@ -1,11 +1,21 @@
-"""The one encoder: every record (prompt/completion, messages, text) to tokens and a loss mask.
+"""The one encoder: every record (prompt/completion, messages, text) to training rows: tokens and
+a loss mask.
 
-Conversations are rendered by the tokenizer's own chat template with every turn and role kept.
-Trained spans are the assistant turns (`train_on="assistant"`) or the last one (`"last"`); each
-runs from the first character of the turn's content to the end of the template's end-of-turn
-token, which is found by rendering a probe conversation (the first special token after the
-assistant's content), never assumed. The sequence ends at the last trained turn's end-of-turn
-token.
+Conversations are rendered by the tokenizer's own chat template with every turn and role kept,
+and with the record's `tools`, `tool_calls`, `tool` turns and `reasoning_content` handed to the
+template as mlx-lm hands them (`apply_chat_template(messages, tools=...)`). Trained spans are the
+assistant turns (`train_on="assistant"`) or the last one (`"last"`); each runs from the first
+character of the turn's content to the end of the template's end-of-turn token, which is found by
+rendering a probe conversation (the first special token after the assistant's content), never
+assumed. A row ends at its last trained turn's end-of-turn token.
+
+A conversation is one row when the template renders each earlier trained turn inside the whole
+conversation as it renders it as the final turn. A template that rewrites history (Qwen3's keeps
+`<think>` blocks only after the last user turn and inserts an empty one in the final turn) would
+train earlier turns in a form the model never produces; such a conversation becomes one row per
+assistant turn instead: the conversation up to that turn, rendered as the template renders it
+when the model answers there (the history as the template shows it, the generation prompt, the
+turn as a final turn), that turn trained. No turn and no reasoning trace is lost.
 
 Spans come from rendering prefix by prefix: a turn starts where the conversation rendered up to
 it with the generation prompt stops agreeing with the whole rendering (for a template whose
@@ -18,12 +28,18 @@ boundaries instead, so the mask stays exact and the prompt side is tokenized as 
 see it; the tokens still decode to the same text.
 
 A tokenizer without a chat template gets the plain format: [BOS] then, per turn, system and user
-content followed by a blank line, assistant content followed by the EOS token (trained).
-A `text` record is [BOS] text EOS, all of it trained.
+content followed by a blank line, assistant content followed by the EOS token (trained); tool
+use needs a template. A `text` record is [BOS] text EOS, all of it trained.
+
+Rows longer than `max_len` tokens are cut there; a cut row that keeps no trained token is
+dropped. `encode_records` counts records, rows, trained turns, split conversations, cut and
+dropped rows (`Counts`).
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +47,6 @@ import numpy as np
 from mlx_distill.errors import BadInput
 from mlx_distill.text.examples import TokenizedExample
 
-ROLES = ("system", "user", "assistant")
 _PROBE = "Zq7 probe answer"
 # Reasoning spans some tokenizers carry as special tokens; the first one a tokenizer has wins.
 # (open, close) and the special tokens that must exist for it.
@@ -60,11 +75,19 @@ def has_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer, messages: list[dict], *, generation_prompt: bool, where: str = "") -> str:
-    """The chat template's text for `messages`; a template error is a BadInput naming `where`."""
+def render(
+    tokenizer,
+    messages: list[dict],
+    *,
+    generation_prompt: bool,
+    where: str = "",
+    tools: list | None = None,
+) -> str:
+    """The chat template's text for `messages` (and the record's `tools`, as mlx-lm passes them);
+    a template error is a BadInput naming `where`."""
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
     except Exception as e:
         message = getattr(e, "message", None) or (str(e).splitlines() or [type(e).__name__])[0]
@@ -73,15 +96,24 @@ def render(tokenizer, messages: list[dict], *, generation_prompt: bool, where: s
         ) from None
 
 
-def generation_prompt(tokenizer, messages: list[dict], where: str = "") -> str:
+def generation_prompt(
+    tokenizer, messages: list[dict], where: str = "", tools: list | None = None
+) -> str:
     """The text a model continues to answer `messages` (template, or the plain format)."""
     if has_template(tokenizer):
-        return render(tokenizer, messages, generation_prompt=True, where=where)
-    return _plain(tokenizer, messages, end_of_turn(tokenizer)[0])
+        return render(tokenizer, messages, generation_prompt=True, where=where, tools=tools)
+    return _plain(tokenizer, messages, end_of_turn(tokenizer)[0], where, tools)
 
 
-def _plain(tokenizer, messages: list[dict], end_text: str) -> str:
+def _plain(
+    tokenizer, messages: list[dict], end_text: str, where: str = "", tools: list | None = None
+) -> str:
     """[BOS], then system/user content + blank line, assistant content + EOS, per turn."""
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise BadInput(
+            f"{where or 'record'}: tools and tool calls need a tokenizer with a chat template "
+            "(this one has none)"
+        )
     parts = [getattr(tokenizer, "bos_token", None) or ""]
     for m in messages:
         parts.append(m["content"] + (end_text if m["role"] == "assistant" else "\n\n"))
@@ -133,8 +165,62 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
+@dataclass
+class Counts:
+    """What encoding a split gave: records read, rows kept, assistant turns trained in them,
+    conversations split per turn, rows cut at max_len (kept), rows dropped (no trained token
+    left after the cut)."""
+
+    records: int = 0
+    rows: int = 0
+    turns: int = 0
+    split: int = 0
+    cut: int = 0
+    dropped: int = 0
+
+    def summary(self) -> dict:
+        """The stage summary's entries (stage.json)."""
+        return {
+            "records": self.records,
+            "rows": self.rows,
+            "turns_trained": self.turns,
+            "split_per_turn": self.split,
+            "rows_cut": self.cut,
+            "rows_dropped": self.dropped,
+        }
+
+    def line(self, what: str, max_seq_len: int) -> str:
+        """One line for the console: rows and trained turns, and why rows differ from records."""
+        text = (
+            f"{what}: {_n(self.records, 'record')} -> {_n(self.rows, 'row')}, "
+            f"{_n(self.turns, 'assistant turn')} trained"
+        )
+        if self.split:
+            text += (
+                f" ({_n(self.split, 'conversation')} split per turn: the chat template renders "
+                "earlier turns differently)"
+            )
+        if self.cut:
+            text += f"; {_n(self.cut, 'row')} cut to data.max_seq_len ({max_seq_len} tokens)"
+        if self.dropped:
+            text += (
+                f"; {_n(self.dropped, 'row')} dropped: nothing trained within data.max_seq_len "
+                f"({max_seq_len})"
+            )
+        return text
+
+
+def _tool_names(items: list) -> list[str]:
+    """Function names of tool schemas or tool calls (each the function, or {"function": ...})."""
+    return [item.get("function", item)["name"] for item in items]
+
+
+def _n(count: int, thing: str) -> str:
+    return f"{count} {thing}" + ("" if count == 1 else "s")
+
+
 class ChatEncoder:
-    """Encodes records for one tokenizer. `cut` counts rows longer than `max_len` (truncated).
+    """Encodes records for one tokenizer, counting what it does in `counts` (`Counts`).
 
     max_len: the most tokens a row keeps (the loader's seq_len + 1: inputs and shifted labels).
     train_on: "assistant" trains every assistant turn, "last" only the final one.
@@ -148,19 +234,26 @@ class ChatEncoder:
         self.train_on = train_on
         self.template = has_template(tokenizer)
         self.end_text, self.end_id = end_of_turn(tokenizer)
-        self.cut = 0
+        self.counts = Counts()
 
     # -- text ----------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    def _render(self, messages: list[dict], generation_prompt: bool, where: str, tools) -> str:
         if self.template:
             return render(
-                self.tokenizer, messages, generation_prompt=generation_prompt, where=where
+                self.tokenizer,
+                messages,
+                generation_prompt=generation_prompt,
+                where=where,
+                tools=tools,
             )
-        return _plain(self.tokenizer, messages, self.end_text)  # prompt: the text before the answer
+        # the plain format; as a prompt: the text before the answer
+        return _plain(self.tokenizer, messages, self.end_text, where, tools)
 
-    def spans(self, record: dict) -> tuple[str, list[tuple[int, int]]]:
-        """(text, trained character spans [start, end)) of a record; text ends at the last span."""
+    def rows(self, record: dict) -> list[tuple[str, list[tuple[int, int]]]]:
+        """(text, trained character spans [start, end)) of each training row of a record: one
+        row, unless the template renders an earlier trained turn differently inside the whole
+        conversation (then one row per trained turn). Each text ends at its last span."""
         where = _where(record)
         if record_shape(record) == "text":
             bos = getattr(self.tokenizer, "bos_token", None) or ""
@@ -168,23 +261,46 @@ class ChatEncoder:
             if eos is None:
                 raise BadInput(f"{where}: a text record needs a tokenizer with an EOS token")
             text = bos + record["text"] + eos
-            return text, [(len(bos), len(text))]
-        messages = record_messages(record)
+            return [(text, [(len(bos), len(text))])]
+        messages, tools = record_messages(record), record_tools(record)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         last = turns[-1]
-        full = self._render(messages[: last + 1], False, where)
+        full = self._render(messages[: last + 1], False, where, tools)
+        missing = [name for name in _tool_names(tools or []) if name not in full]
+        if missing:  # the student would be trained to call tools it was never shown
+            raise BadInput(
+                f"{where}: the chat template does not render the record's tools ({missing[0]!r} "
+                "is missing from its text); use a template that renders tools"
+            )
+        for n, m in enumerate(messages[:last], 1):
+            if m["role"] == "tool" and m["content"].strip() not in full:
+                raise BadInput(
+                    f"{where}: the chat template does not render tool turns (message {n}); use "
+                    "a template that renders them"
+                )
         trained = turns if self.train_on == "assistant" else [last]
-        spans = []
+        earlier = [i for i in trained if i < last]
+        if all(self._renders_alike(messages, i, full, where, tools) for i in earlier):
+            return [self._row(messages, trained, full, where, tools)]
+        return [
+            self._row(
+                messages, [i], self._render(messages[: i + 1], False, where, tools), where, tools
+            )
+            for i in trained
+        ]
+
+    def _renders_alike(self, messages, i: int, full: str, where: str, tools) -> bool:
+        """Whether turn `i`, rendered as the final turn, is how `full` renders it."""
+        history = self._render(messages[: i + 1], False, where, tools)
+        at = history.rfind(self.end_text)
+        return at >= 0 and full.startswith(history[: at + len(self.end_text)])
+
+    def _row(self, messages, trained: list[int], full: str, where: str, tools):
+        """(text, spans) of `full` with the assistant turns `trained` trained: each from where the
+        generation prompt before it stops agreeing with `full` to its end-of-turn token."""
+        spans: list[tuple[int, int]] = []
         for i in trained:
-            if i < last:  # the history must render the same inside the whole conversation
-                history = self._render(messages[: i + 1], False, where)
-                history = history[: history.rfind(self.end_text) + len(self.end_text)]
-                if not full.startswith(history):
-                    raise BadInput(
-                        f"{where}: the chat template renders earlier turns differently in a "
-                        "longer conversation; set data.train_on: last"
-                    )
-            head = self._render(messages[:i], True, where) if i else ""
+            head = self._render(messages[:i], True, where, tools) if i else ""
             start = _common_prefix(head, full)
             end = full.find(self.end_text, max(start, spans[-1][1] if spans else 0))
             if end < 0:
@@ -192,14 +308,54 @@ class ChatEncoder:
                     f"{where}: the chat template dropped the end-of-turn token "
                     f"{self.end_text!r} after assistant turn {i + 1}"
                 )
+            calls = _tool_names(messages[i].get("tool_calls") or [])
+            if any(name not in full[start:end] for name in calls):
+                raise BadInput(
+                    f"{where}: the chat template does not render the tool calls of assistant "
+                    f"turn {i + 1} ({calls[0]!r}); use a template that renders tool calls"
+                )
+            thought = (messages[i].get("reasoning_content") or "").strip()
+            if thought and thought not in full[start:end]:
+                raise BadInput(
+                    f"{where}: the chat template does not render the reasoning_content of "
+                    f"assistant turn {i + 1}; put the reasoning in content or use a template "
+                    "that renders it"
+                )
             spans.append((start, end + len(self.end_text)))
         return full[: spans[-1][1]], spans
 
     # -- tokens --------------------------------------------------------------------------
 
-    def encode(self, record: dict) -> TokenizedExample:
-        """tokens (T,) int32 and mask (T,) bool (True on trained spans) for one record."""
-        text, spans = self.spans(record)
+    def encode(self, record: dict) -> list[TokenizedExample]:
+        """The record's training rows: tokens (T,) int32 and mask (T,) bool (True on trained
+        spans), cut at max_len; a row left with no trained token is dropped (and counted)."""
+        rows = self.rows(record)
+        counts = self.counts
+        counts.records += 1
+        counts.split += len(rows) > 1
+        out = []
+        for n, (text, spans) in enumerate(rows, 1):
+            ids, bounds = self._tokens(text, spans)
+            mask = np.zeros(len(ids), dtype=bool)
+            for a, b in bounds:
+                mask[a:b] = True
+            if len(ids) > self.max_len:
+                ids, mask = ids[: self.max_len], mask[: self.max_len]
+                if not mask[1:].any():  # position 0 is never a target
+                    counts.dropped += 1
+                    continue
+                counts.cut += 1
+            counts.rows += 1
+            counts.turns += sum(a < len(ids) for a, _ in bounds)
+            source = {"prompt": record.get("prompt", "")}
+            if len(rows) > 1:
+                source["turn"] = n  # which assistant turn this row trains
+            out.append(TokenizedExample(tokens=np.array(ids, np.int32), mask=mask, text=source))
+        return out
+
+    def _tokens(self, text: str, spans: list[tuple[int, int]]):
+        """(ids, token spans) of `text`: tokenized whole, or at the span boundaries where one is
+        not a token boundary of the whole."""
         encode = self.tokenizer.encode
         ids = encode(text, add_special_tokens=False)
         bounds = sorted({b for span in spans for b in span} - {0, len(text)})
@@ -210,31 +366,26 @@ class ChatEncoder:
                 ids, count = _segments(encode, text, bounds)
                 break
             count[b] = len(head)
-        mask = np.zeros(len(ids), dtype=bool)
-        for start, end in spans:
-            mask[count[start] : count[end]] = True
-        if len(ids) > self.max_len:
-            self.cut += 1
-            ids, mask = ids[: self.max_len], mask[: self.max_len]
-        source = {"prompt": record.get("prompt", "")}
-        return TokenizedExample(tokens=np.array(ids, np.int32), mask=mask, text=source)
+        return ids, [(count[a], count[b]) for a, b in spans]
 
 
 def encode_records(
     tokenizer, records: list[dict], *, max_len: int, train_on: str = "assistant", what: str = ""
-) -> tuple[list[TokenizedExample], int]:
-    """(examples, rows cut at max_len); a cut is reported in one line on stderr."""
-    import sys
-
+) -> tuple[list[TokenizedExample], Counts]:
+    """(rows of every record, in record order; `Counts`). Where a conversation was split per
+    turn or a row cut or dropped, one line on stderr says so; BadInput if no row is left."""
     encoder = ChatEncoder(tokenizer, max_len=max_len, train_on=train_on)
-    examples = [encoder.encode(r) for r in records]
-    if encoder.cut:
-        print(
-            f"warning: {encoder.cut} of {len(records)} rows of {what or 'the data'} are longer "
-            f"than data.max_seq_len ({max_len - 1}) allows and were cut to {max_len} tokens",
-            file=sys.stderr,
+    examples = [row for r in records for row in encoder.encode(r)]
+    counts = encoder.counts
+    what = what or "the data"
+    if not examples:
+        raise BadInput(
+            f"{what}: no row keeps a trained token within data.max_seq_len ({max_len - 1}); "
+            "raise data.max_seq_len"
         )
-    return examples, encoder.cut
+    if counts.split or counts.cut or counts.dropped:
+        print(f"note: {counts.line(what, max_len - 1)}", file=sys.stderr)
+    return examples, counts
 
 
 def _segments(encode, text: str, bounds: list[int]) -> tuple[list[int], dict[int, int]]:
@@ -252,7 +403,7 @@ def record_prompt(tokenizer, record: dict) -> str:
     """The conversation before the record's last assistant turn, ready for generation."""
     messages = record_messages(record)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return generation_prompt(tokenizer, messages[:last], _where(record))
+    return generation_prompt(tokenizer, messages[:last], _where(record), record_tools(record))
 
 
 def record_shape(record: dict) -> str:
@@ -267,10 +418,23 @@ def record_shape(record: dict) -> str:
     )
 
 
+def record_tools(record: dict) -> list | None:
+    """The record's tool schemas (`tools`), or None."""
+    return record.get("tools") or None
+
+
+def conversation_shape(record: dict) -> tuple:
+    """What a template's checks can depend on: tools or not, and each turn's role and whether it
+    calls tools. Records of one shape render alike (for the preflight's one render per shape)."""
+    turns = tuple((m["role"], bool(m.get("tool_calls"))) for m in record_messages(record))
+    return (bool(record_tools(record)), *turns)
+
+
 def record_messages(record: dict) -> list[dict]:
-    """The conversation of a prompt/completion or messages record."""
+    """The conversation of a prompt/completion or messages record: each message with all its
+    keys (tool_calls, reasoning_content, ...), as mlx-lm hands them to the template."""
     if "messages" in record:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        return [dict(m) for m in record["messages"]]
     return [
         {"role": "user", "content": record["prompt"]},
         {"role": "assistant", "content": record["completion"]},

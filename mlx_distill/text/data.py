@@ -1,9 +1,14 @@
 """JSONL readers. One record per line, in one of three shapes:
 
 - `{"prompt": ..., "completion": ...}` (extra fields such as `answer` are kept),
-- `{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}` with at least
-  one assistant turn (the whole conversation is kept and rendered by the chat template),
+- `{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...]}` with
+  at least one assistant turn (the whole conversation is kept and rendered by the chat template),
 - `{"text": ...}` (plain text: the whole sequence is trained).
+
+Tool use and reasoning in mlx-lm's (OpenAI's) format are kept and handed to the template as
+mlx-lm hands them: a record's `tools` list (function schemas), assistant turns with `tool_calls`
+(their `content` may then be empty or null) and `reasoning_content`, `tool` turns with the tool's
+answer. Their shapes are checked here, one line per problem.
 
 Every record also gets `prompt` and `completion` strings for code that needs one prompt (a
 teacher's question, a report's sample): for messages, the turns before the last assistant turn
@@ -22,7 +27,7 @@ from pathlib import Path
 from mlx_distill.errors import BadInput
 from mlx_distill.files import write_text_atomic
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class Record(dict):
@@ -83,6 +88,8 @@ def _normalize(raw: object, path: Path, lineno: int) -> Record:
     where = f"{path} line {lineno}"
     if not isinstance(raw, dict):
         raise BadInput(f"{where}: expected a JSON object")
+    if "tools" in raw:
+        _check_tools(raw["tools"], where)
     if "prompt" in raw and "completion" in raw:
         if not isinstance(raw["prompt"], str) or not isinstance(raw["completion"], str):
             raise BadInput(f"{where}: prompt and completion must be strings")
@@ -91,14 +98,8 @@ def _normalize(raw: object, path: Path, lineno: int) -> Record:
         messages = raw["messages"]
         if not isinstance(messages, list) or not messages:
             raise BadInput(f"{where}: messages must be a non-empty list")
-        for n, m in enumerate(messages, 1):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise BadInput(f"{where}: message {n} needs a string content")
-            if m.get("role") not in ROLES:
-                raise BadInput(
-                    f"{where}: message {n} has role {m.get('role')!r}; roles are "
-                    + ", ".join(ROLES)
-                )
+        messages = [_message(m, n, where) for n, m in enumerate(messages, 1)]
+        raw = dict(raw, messages=messages)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         if last < 0:
             raise BadInput(f"{where}: messages have no assistant turn to train on")
@@ -109,8 +110,62 @@ def _normalize(raw: object, path: Path, lineno: int) -> Record:
     if "text" in raw:
         if not isinstance(raw["text"], str):
             raise BadInput(f"{where}: text must be a string")
+        if "tools" in raw:
+            raise BadInput(f"{where}: a text record has no turns to show tools to; use messages")
         return _record(dict(raw, prompt="", completion=raw["text"]), where, "text")
     raise BadInput(f"{where}: expected keys prompt+completion, messages, or text")
+
+
+def _message(m: object, n: int, where: str) -> dict:
+    """Message `n` checked; an assistant turn with tool calls and no content gets content ""."""
+    at = f"{where}: message {n}"
+    if not isinstance(m, dict):
+        raise BadInput(f"{at} must be an object with role and content")
+    role = m.get("role")
+    if role not in ROLES:
+        raise BadInput(f"{at} has role {role!r}; roles are " + ", ".join(ROLES))
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if role != "assistant":
+            raise BadInput(f"{at}: only assistant turns have tool_calls, not {role} turns")
+        if not isinstance(calls, list) or not calls:
+            raise BadInput(f"{at}: tool_calls must be a non-empty list")
+        for k, call in enumerate(calls, 1):
+            _check_call(call, f"{at} tool call {k}")
+        if m.get("content") is None:
+            m = dict(m, content="")  # OpenAI's null content beside tool calls
+    if not isinstance(m.get("content"), str):
+        raise BadInput(f"{at} needs a string content")
+    if "reasoning_content" in m:
+        if role != "assistant":
+            raise BadInput(f"{at}: only assistant turns have reasoning_content")
+        if not isinstance(m["reasoning_content"], str):
+            raise BadInput(f"{at}: reasoning_content must be a string")
+    for key in ("name", "tool_call_id"):
+        if key in m and not isinstance(m[key], str):
+            raise BadInput(f"{at}: {key} must be a string")
+    return m
+
+
+def _check_call(call: object, at: str) -> None:
+    """A tool call: {"type": "function", "function": {"name", "arguments"}} or the inner dict."""
+    if not isinstance(call, dict):
+        raise BadInput(f"{at} must be an object with a function")
+    function = call.get("function", call)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadInput(f"{at} needs a function name (a string)")
+    if not isinstance(function.get("arguments"), (dict, str)):
+        raise BadInput(f"{at}: arguments must be an object or a JSON string")
+
+
+def _check_tools(tools: object, where: str) -> None:
+    """A record's `tools`: a non-empty list of function schemas, each with a name."""
+    if not isinstance(tools, list) or not tools:
+        raise BadInput(f"{where}: tools must be a non-empty list of function schemas")
+    for k, tool in enumerate(tools, 1):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadInput(f"{where}: tool {k} must be a function schema with a name")
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

@@ -33,8 +33,8 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
             continue
         value = getattr(recipe.data, split)
         if value is None:
-            if split == "valid":
-                continue  # optional
+            if split != "train":
+                continue  # optional: the eval stage scores what it has (stages/eval.held_out)
             used_by = ", ".join(s for s in STAGES if s in users & selected)
             raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
         records[split] = check_data_file(f"data.{split}", Path(value))

@@ -152,6 +152,7 @@ def test_dry_run_checks_the_data_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_library_warning_is_one_line(tmp_path):
     """A teacher with more output rows than its tokenizer has ids (a padded embedding, as real
     models have) is scored with the padded rows ignored: one `warning:` line, no source line."""

@@ -43,6 +43,7 @@ def _distill(runs: Path, student: Path, *extra: str, stages: str):
     return runs / "quickstart"
 
 
+@pytest.mark.slow
 def test_bf16_student_exports_as_bf16_and_loads_with_mlx_lm(bf16_student, tmp_path):
     import mlx_lm
 
@@ -69,6 +70,7 @@ def _flat(model):
     return tree_flatten(model.parameters())
 
 
+@pytest.mark.slow
 def test_lora_float16_export_and_the_report_of_it(bf16_student, tmp_path):
     import mlx_lm
 

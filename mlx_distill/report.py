@@ -95,8 +95,9 @@ def write_report(
     lines = [f"# {recipe.name}", "", _held_out_line(results, recipe)]
     if "baseline" not in recipe.stages:
         lines.append(
-            "No baseline in this run (`baseline: false` or `--no-baseline`): the KD student is "
-            "not compared with the same student fine-tuned on hard labels."
+            "No baseline in this run (`--no-baseline`, `baseline: false` or a stage list "
+            "without it): the KD student is not compared with the same student fine-tuned on "
+            "hard labels."
         )
     lines += [
         "",

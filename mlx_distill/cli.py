@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -31,6 +32,7 @@ def _run(
     retry_failed,
     as_json,
     no_progress,
+    no_baseline,
     jobs,
     bar_position,
     hosts,
@@ -39,18 +41,21 @@ def _run(
     progress = not no_progress
     from mlx_distill.recipe import load_recipe
 
+    if no_baseline:
+        overrides = (*overrides, "baseline=false")
     recipe = load_recipe(recipe_path, overrides)
-    if dry_run:
-        click.echo(recipe.to_yaml(), nl=False)
-        return
     if group:  # teach/train: the group's stages that this recipe has
         stages = [s for s in stages if s in recipe.stages]
         if not stages:
             raise BadInput(f"recipe {recipe_path} has none of the stages this command runs")
     from mlx_distill.run import launch
-    from mlx_distill.run.preflight import check_group
+    from mlx_distill.run.preflight import check_group, check_inputs
 
     selected = list(stages) or [s for s in recipe.stages]
+    if dry_run:  # the inputs the run would read are checked; nothing is written
+        check_inputs(recipe, [s for s in recipe.stages if s in selected])
+        click.echo(recipe.to_yaml(), nl=False)
+        return
     if hosts is not None:  # start the ranks; they run this same command without --hosts
         world = len(launch.read_hostfile(hosts)["hosts"])
         check_group(recipe, selected, world)
@@ -98,7 +103,16 @@ def _run_options(f):
         help="Override a recipe key, e.g. --set train.steps=200.",
     )(f)
     f = click.option("--force", is_flag=True, help="Rerun stages even when up to date.")(f)
-    f = click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")(f)
+    f = click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Check the inputs (data, templates, models), print the resolved recipe and exit.",
+    )(f)
+    f = click.option(
+        "--no-baseline",
+        is_flag=True,
+        help="Leave out the baseline stage (recipe key baseline: false).",
+    )(f)
     f = click.option("--retry-failed", is_flag=True, help="Retry failed teacher requests.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")(f)
     f = click.option("--no-progress", is_flag=True, help="Hide progress bars.")(f)
@@ -371,8 +385,15 @@ def _main(debug: bool) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning as one line on stderr, without its source line."""
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 def main() -> None:
     from mlx_distill import backend
+
+    warnings.showwarning = _show_warning
     from mlx_distill.run.side import watch_parent
 
     watch_parent()  # a side process: exit with the parent, even while still starting up

@@ -33,6 +33,7 @@ TailMode = Literal["bucket", "ignore"]
 SentencePieceType = Literal["bpe", "unigram"]
 DType = Literal["float32", "bfloat16"]  # bfloat16 keeps fp32 master weights
 Answers = Literal["data", "generate"]  # a local teacher's text: the data's answers, or its own
+ExportDType = Literal["float32", "bfloat16", "float16"]
 TrainOn = Literal["assistant", "last"]  # which assistant turns of a conversation are trained
 StudentTrain = Literal["full", "lora", "dora"]  # which weights train (adapters: base frozen)
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
@@ -65,7 +66,7 @@ class DataConfig:
 
     train: str | None = None  # required by every stage that trains or scores
     valid: str | None = None  # validation loss every train.eval_every steps (and at the end)
-    test: str | None = None  # required by the eval stage
+    test: str | None = None  # held-out split of the eval stage; None: it scores data.valid
     task: str | None = None  # answer checker in mlx_distill.tasks; None for free text
     max_seq_len: int = 2048
     max_train: int | None = None  # use the first n training examples
@@ -313,6 +314,9 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     quantize_bits: int | None = None  # 4 or 8: also write student-q{bits}/
+    # The exported models' weights; None: the dtype trained in, or the student's checkpoint's
+    # when that is narrower (a bf16 student trained under train.dtype float32 stays bf16).
+    dtype: ExportDType | None = None
 
 
 @dataclass
@@ -321,6 +325,7 @@ class Recipe:
     seed: int = 0
     runs_dir: str = "runs"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    baseline: bool = True  # false (or --no-baseline): no baseline stage; eval and report without
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -349,6 +354,8 @@ class Recipe:
                 raise BadInput(
                     f"recipe key stages: unknown stage {stage!r}; {closest(stage, STAGES)}"
                 )
+        if not self.baseline:  # out of the stage list, so every reader of it agrees
+            self.stages = [s for s in self.stages if s != "baseline"]
         positive = {
             "train.steps": self.train.steps,
             "train.batch_size": self.train.batch_size,

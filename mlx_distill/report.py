@@ -31,27 +31,36 @@ def _plot(metrics_path: Path, png: Path, runs: set[str] | None = None, offset: i
             steps.append(rec["step"])
             losses.append(rec["valid_loss"])
             continue
-        c = curves.setdefault(rec["run"], {"step": [], "loss": [], "ce": []})
-        c["step"].append(rec["step"])
-        c["loss"].append(rec["loss"])
-        c["ce"].append(rec.get("ce", rec["loss"]))
+        c = curves.setdefault(rec["run"], {"loss": ([], []), "ce": ([], [])})
+        for key, value in (("loss", rec["loss"]), ("ce", rec.get("ce", rec["loss"]))):
+            if value is not None and math.isfinite(value):  # none logged on on-policy batches
+                c[key][0].append(rec["step"])
+                c[key][1].append(value)
     if not curves:
         return False
-    fig, axes = plt.subplots(1, 3 if valid else 2, figsize=(16 if valid else 11, 4))
-    for run, c in curves.items():
-        axes[0].plot(c["step"], c["loss"], label=run)
-        axes[1].plot(c["step"], c["ce"], label=run)
-    axes[0].set_title("training loss (KD mix for distill, CE otherwise)")
-    axes[1].set_title("cross-entropy on the reference answer tokens")
+    panels = [
+        (
+            "training loss (KD mix for distill, CE otherwise)",
+            {r: c["loss"] for r, c in curves.items()},
+        ),
+        ("cross-entropy on the reference answer tokens", {r: c["ce"] for r, c in curves.items()}),
+    ]
     if valid:
-        for run, (steps, losses) in valid.items():
-            axes[2].plot(steps, losses, marker="o", label=run)
-        axes[2].set_title("validation cross-entropy (data.valid)")
-    for ax in axes:
+        panels.append(("validation cross-entropy (data.valid)", valid))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16 if valid else 11, 4))
+    for ax, (title, lines) in zip(axes, panels):
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.legend()
         ax.grid(alpha=0.3)
+        drawn = {run: xy for run, xy in lines.items() if xy[0]}
+        if not drawn:  # e.g. no cross-entropy logged: say so rather than draw an empty axis
+            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for run, (steps, values) in drawn.items():
+            ax.plot(steps, values, marker="o" if lines is valid else None, label=run)
+        if all(v > 0 for _, values in drawn.values() for v in values):  # log needs > 0
+            ax.set_yscale("log")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -68,20 +77,29 @@ def sign_test(a: int, b: int) -> float:
 
 
 def write_report(
-    recipe, run_dir: Path, results: dict, stages: dict[str, dict], paths: dict[str, Path]
+    recipe,
+    run_dir: Path,
+    results: dict,
+    stages: dict[str, dict],
+    paths: dict[str, Path],
+    records: dict[str, dict] | None = None,
 ) -> dict:
     """report.md + loss_curves.png in `run_dir`; the last lines say how to chat.
 
     results: the eval stage's results.json. stages: {stage: its summary} of the teacher,
     cache, distill and baseline stages ({} for one that did not run). paths: {role: model
-    folder} of the run's models (teacher, student, baseline, ...).
+    folder} of the run's models (teacher, student, baseline, ...). records: {stage: its
+    stage.json} of the stages that finished (wall time, peak memory, the summary's row cuts).
     """
     models = results["models"]
-    lines = [
-        f"# {recipe.name}",
-        "",
-        f"Seed {results['seed']}; {results['num_examples']} held-out examples from "
-        f"`{recipe.data.test}`.",
+    lines = [f"# {recipe.name}", "", _held_out_line(results, recipe)]
+    if "baseline" not in recipe.stages:
+        lines.append(
+            "No baseline in this run (`--no-baseline`, `baseline: false` or a stage list "
+            "without it): the KD student is not compared with the same student fine-tuned on "
+            "hard labels."
+        )
+    lines += [
         "",
         "| model | parameters | exact match | perplexity | top-1 agreement with teacher |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -108,7 +126,8 @@ def write_report(
         agree = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
         count = params.get(role) or row.get("parameters")
         p = f"{count:,}" if count else "-"
-        lines.append(f"| {names[role]} | {p} | {em} | {row['perplexity']:.3f} | {agree} |")
+        ppl = f"{row['perplexity']:.3f}" if "perplexity" in row else "-"
+        lines.append(f"| {names[role]} | {p} | {em} | {ppl} | {agree} |")
     if "student" in models and "baseline" in models and "exact_match" in models["student"]:
         diff = models["student"]["exact_match"] - models["baseline"]["exact_match"]
         verdict = {1: "beats", 0: "ties", -1: "trails"}[(diff > 0) - (diff < 0)]
@@ -131,6 +150,8 @@ def write_report(
     lines += _compare_section(recipe, stages, models)
     lines += _refine_section(recipe, stages, models)
     lines += _exposure_section(models, names)
+    lines += _exports_section(recipe, stages, paths)
+    lines += _stages_section(records or {})
     teacher_data = stages.get("cache", {}).get("report")
     if teacher_data:  # what an API teacher's cache was made from (prompts used, coverage)
         lines += ["", teacher_data]
@@ -155,6 +176,105 @@ def write_report(
         ]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     return {"report": str(run_dir / "report.md")}
+
+
+def _held_out_line(results: dict, recipe) -> str:
+    """What the table was measured on: data.test, or (without it) data.valid or nothing."""
+    split = results.get("split", "test")  # results.json from before the key: data.test
+    path = results.get("path") or recipe.data.test
+    seed, n = results["seed"], results["num_examples"]
+    if split == "test":
+        return f"Seed {seed}; {n} held-out examples from `{path}`."
+    if split == "valid":
+        return (
+            f"Seed {seed}; {n} examples of the validation split `{path}`: data.test is not set, "
+            "so exact match was skipped."
+        )
+    return f"Seed {seed}; data.test and data.valid are not set: parameters counted, nothing scored."
+
+
+def _size(folder: Path) -> str:
+    """The size of a model folder's weights on disk."""
+    n = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    return f"{n / 1e6:,.1f} MB" if n < 1e9 else f"{n / 1e9:,.2f} GB"
+
+
+def _exports_section(recipe, stages: dict[str, dict], paths: dict[str, Path]) -> list[str]:
+    """Each trained model's export (folder, dtype, size) and, for LoRA/DoRA runs, where the
+    adapters are and how mlx-lm loads them."""
+    rows = []
+    for stage, role, name in (
+        ("distill", "student", "KD student"),
+        ("baseline", "baseline", "baseline"),
+    ):
+        info = stages.get(stage, {})
+        if role in paths and info:
+            rows.append((name, paths[role], info))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Exports",
+        "",
+        "| model | folder | weights | size |",
+        "| --- | --- | --- | ---: |",
+    ]
+    for name, folder, info in rows:
+        lines.append(f"| {name} | `{folder}` | {info.get('dtype', '-')} | {_size(folder)} |")
+    for role in paths:
+        if role.startswith("student-q"):
+            bits = role.removeprefix("student-q")
+            lines.append(
+                f"| KD student, {bits}-bit | `{paths[role]}` | {bits}-bit | {_size(paths[role])} |"
+            )
+    adapted = [(name, folder, info) for name, folder, info in rows if info.get("adapters")]
+    for name, folder, info in adapted:
+        adapters = Path(info["adapters"])
+        base = recipe.student.path if recipe.student.init == "pretrained" else adapters / "base"
+        lines += [
+            "",
+            f"The {name} trained {recipe.student.train} adapters ({info.get('trainable', 0):,} "
+            f"trainable parameters) in `{adapters}`; with its base:",
+            "",
+            "```",
+            f'mlx_lm.load("{base}", adapter_path="{adapters}")',
+            f"python -m mlx_lm generate --model {base} --adapter-path {adapters} --prompt ...",
+            "```",
+            "",
+            f"`{folder}` has them fused into the weights and loads alone.",
+        ]
+    return lines
+
+
+def _stages_section(records: dict[str, dict]) -> list[str]:
+    """Each finished stage's wall time and its process's peak memory, and the rows the data
+    encoding cut at data.max_seq_len (whatever counts the stage's summary holds)."""
+    if not records:
+        return []
+    lines = [
+        "",
+        "## Stages",
+        "",
+        "| stage | wall time | peak memory | rows cut at data.max_seq_len |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for name, info in records.items():
+        wall = f"{info['seconds']:,.1f} s" if "seconds" in info else "-"
+        peak = _bytes(info["peak_memory_bytes"]) if "peak_memory_bytes" in info else "-"
+        lines.append(f"| {name} | {wall} | {peak} | {_cuts(info.get('result') or {})} |")
+    return lines
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:,.2f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB"
+
+
+def _cuts(summary: dict) -> str:
+    """The row-cut counts of a stage summary ("rows_cut", "valid_rows_cut", ... "rows_dropped"),
+    as "rows cut 2, valid rows cut 0"; "-" when it has none."""
+    words = ("_cut", "shortened", "dropped")
+    counts = {k: v for k, v in summary.items() if isinstance(v, int) and any(w in k for w in words)}
+    return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()) or "-"
 
 
 def _compare_section(recipe, stages: dict[str, dict], models: dict) -> list[str]:

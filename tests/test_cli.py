@@ -134,5 +134,47 @@ def test_student_teacher_vocab_mismatch(tmp_path):
         "--set",
         f"tokenizer.path={student_tok}",
     )
-    assert_one_line_error(proc, "does not match the teacher's")
+    # the quickstart's student is cut from the teacher: it needs the teacher's tokenizer
+    assert_one_line_error(proc, "teacher_layers copies the teacher's embeddings")
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_checks_the_data_and_writes_nothing(tmp_path):
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"prompt": "1 + 1?", "completion": "2"}\n{"prompt": 3}\n')
+    proc = cli(
+        "run",
+        "recipes/quickstart.yaml",
+        "--dry-run",
+        *tiny.sets(f"runs_dir={tmp_path / 'runs'}", f"data.test={bad}"),
+    )
+    assert_one_line_error(proc, "test.jsonl line 2")
+    assert proc.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_library_warning_is_one_line(tmp_path):
+    """A teacher with more output rows than its tokenizer has ids (a padded embedding, as real
+    models have) is scored with the padded rows ignored: one `warning:` line, no source line."""
+    from mlx_distill.models import build_model, save_model
+    from mlx_distill.recipe import ModelConfig
+
+    tokenizer = tiny.ROOT / "data" / "quickstart" / "teacher"
+    vocab = tiny.vocab_of(tokenizer)
+    cfg = ModelConfig(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    model, config = build_model(cfg, vocab + 7)
+    teacher = save_model(model, config, tokenizer, tmp_path / "padded")
+    proc = cli(
+        "teach",
+        "recipes/quickstart.yaml",
+        "--no-progress",
+        *tiny.quickstart_sets(tmp_path / "runs", f"teacher.path={teacher}"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "padded rows" in line]
+    assert warned == [
+        f"warning: teacher {teacher}: {vocab + 7} output rows for {vocab} tokenizer ids; "
+        "ignoring the 7 padded rows"
+    ], proc.stderr
+    assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr

@@ -361,3 +361,40 @@ def test_killed_run_leaves_no_side_process_and_its_lock_is_taken_over(run, monke
         f"it, so rebuild it first: mlx-distill run {run_dir / 'recipe.yaml'} --stage distill"
     )
     assert tree(run_dir) == before
+
+
+# -- first-class skipping: no baseline, no test split ------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_without_baseline_or_test_split(run, monkeypatch, capsys):
+    runs, run_dir = run
+    extra = (
+        "data.test=null",
+        "data.valid=data/quickstart/valid.jsonl",
+        "eval.num_examples=4",
+        "eval.max_new_tokens=8",
+    )
+    args = ("run", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra))
+    proc = cli(*args, "--no-baseline", "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout)["stages"]
+    assert outcome["distill"] == "ran" and "baseline" not in outcome
+    assert outcome["eval"] == "ran" and outcome["report"] == "ran"
+    assert not (run_dir / "baseline").exists()
+    note = "data.test not set: perplexity and agreement on data.valid, exact match skipped"
+    assert f"[eval] {note}" in proc.stderr.splitlines()
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["split"] == "valid" and results["note"] == note
+    assert set(results["models"]) == {"teacher", "student"}
+    for row in results["models"].values():
+        assert "exact_match" not in row and row["perplexity"] >= 1.0
+    report = (run_dir / "report.md").read_text()
+    assert "4 examples of the validation split `data/quickstart/valid.jsonl`" in report
+    assert "No baseline in this run" in report
+    # --stage eval needs no edited stage list: with the flag the baseline is no stage of the run
+    code, _, err = main(monkeypatch, capsys, *args, "--stage", "eval")
+    assert "the baseline stage has not run yet" in one_line(code, err)
+    code, _, err = main(monkeypatch, capsys, *args, "--no-baseline", "--stage", "eval")
+    assert code == 0, err
+    assert "[eval] up to date" in err

@@ -44,7 +44,9 @@ __all__ = [
     "architecture",
     "build_model",
     "check_architecture",
+    "FLOAT_BYTES",
     "export_quantized",
+    "floating_dtype",
     "from_teacher_layers",
     "head_inputs",
     "hidden_states",
@@ -223,17 +225,60 @@ def from_teacher_layers(
     return student, student_config
 
 
-def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: str | Path) -> Path:
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model is saved in
+
+
+def floating_dtype(weights: dict | nn.Module) -> str:
+    """The dtype most of a model's floating-point weights (by count) are in: "bfloat16" for a bf16
+    checkpoint, also when it is quantized (its scales and norms); float32 when it has none."""
+    if isinstance(weights, nn.Module):
+        weights = dict(tree_flatten(weights.parameters()))
+    counts: dict[str, int] = {}
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            name = str(v.dtype).removeprefix("mlx.core.")
+            counts[name] = counts.get(name, 0) + v.size
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def _with_dtype(config: dict, dtype: str) -> dict:
+    """config.json saying the dtype the weights are saved in (torch_dtype, and transformers'
+    newer `dtype` and a nested text_config's where the config has them)."""
+    config = dict(config, torch_dtype=dtype)
+    if "dtype" in config:
+        config["dtype"] = dtype
+    if isinstance(config.get("text_config"), dict) and "torch_dtype" in config["text_config"]:
+        config["text_config"] = dict(config["text_config"], torch_dtype=dtype)
+    return config
+
+
+def save_model(
+    model: nn.Module,
+    config: dict,
+    tokenizer_dir: str | Path,
+    path: str | Path,
+    dtype: str | None = None,
+) -> Path:
     """Write an mlx-lm folder (config.json, model.safetensors, tokenizer files) atomically.
 
-    With a tokenizer, `eos_token_id` in config.json and generation_config.json lists every id
-    generation must stop at: the config's own, the tokenizer's EOS and the chat template's
-    end-of-turn token (Gemma's `<turn|>` is not its `<eos>`; a base Qwen2's EOS is
-    `<|endoftext|>`, not `<|im_end|>`), so `mlx_lm.generate` stops where a trained turn ends.
+    dtype: "float32", "bfloat16" or "float16": the floating-point weights are cast to it (packed
+    quantized weights stay as they are); None: saved as they are. config.json's torch_dtype
+    says what was saved. With a tokenizer, `eos_token_id` in config.json and
+    generation_config.json lists every id generation must stop at: the config's own, the
+    tokenizer's EOS and the chat template's end-of-turn token (Gemma's `<turn|>` is not its
+    `<eos>`; a base Qwen2's EOS is `<|endoftext|>`, not `<|im_end|>`), so `mlx_lm.generate`
+    stops where a trained turn ends.
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
         weights = dict(tree_flatten(model.parameters()))
+        if dtype is not None:
+            cast = getattr(mx, dtype)
+            weights = {
+                k: v.astype(cast) if mx.issubdtype(v.dtype, mx.floating) else v
+                for k, v in weights.items()
+            }
+        config = _with_dtype(config, floating_dtype(weights))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES:
@@ -275,4 +320,15 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, bits: int) -> P
 
 
 def num_params(model: nn.Module) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
+    """The model's parameter count as unquantized: a quantized layer's packed uint32 weight
+    counts 32 / bits weights per element; its scales and biases (quantization data) are left
+    out."""
+    total = 0
+    for _, module in model.named_modules():
+        bits = getattr(module, "bits", None)
+        for name, v in module.parameters().items():
+            if not isinstance(v, mx.array) or (bits and name in ("scales", "biases")):
+                continue  # a container (counted at its own module), or quantization data
+            packed = bits and name == "weight" and v.dtype == mx.uint32
+            total += v.size * 32 // bits if packed else v.size
+    return total

@@ -37,8 +37,8 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
             continue
         value = getattr(recipe.data, split)
         if value is None:
-            if split == "valid":
-                continue  # optional
+            if split != "train":
+                continue  # optional: the eval stage scores what it has (stages/eval.held_out)
             used_by = ", ".join(s for s in STAGES if s in users & selected)
             raise BadInput(f"recipe key data.{split}: not set (the {used_by} stage reads it)")
         if Path(value).is_dir():  # a dataset folder (a Hub dataset id is one by now)
@@ -184,7 +184,8 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
     student_users = {"tokenizer", "distill", "baseline"}
     if student.init == "pretrained" and student.path and selected & student_users:
         student_tok = check_model_folder("student.path", Path(student.path))
-        _same_tokenizer(recipe_tok, student_tok, student.path, "the student's")
+        who = "the student's (student.init pretrained)"
+        _same_tokenizer(recipe_tok, tok_path, student_tok, student.path, who)
     teacher_users = {"teacher", "cache", "eval"}
     if student.init == "teacher_layers":
         teacher_users |= {"distill", "baseline"}
@@ -205,7 +206,7 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
         check_templates(recipe_tok, teacher_tok, teacher_dir)
 
 
-def _same_tokenizer(recipe_tok, owner_tok, folder: str, who: str) -> None:
+def _same_tokenizer(recipe_tok, tok_path, owner_tok, folder: str, who: str) -> None:
     if recipe_tok is None:
         raise BadInput(
             f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but "
@@ -214,8 +215,8 @@ def _same_tokenizer(recipe_tok, owner_tok, folder: str, who: str) -> None:
     mine, theirs = vocab_hash(recipe_tok), vocab_hash(owner_tok)
     if mine != theirs:
         raise BadInput(
-            f"recipe key tokenizer.path: the tokenizer there (vocab hash {mine}) is not {who} "
-            f"in {folder} ({theirs}), which its weights were trained with; set "
+            f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
+            f"not match {who} in {folder} ({theirs}), which its weights were trained with; set "
             f"tokenizer.path: {folder}"
         )
 

@@ -4,7 +4,8 @@ A stage whose last run finished with the same fingerprint (`fingerprints.py`) is
 that was interrupted with the same fingerprint resumes (the cache writer and the trainer pick up
 where they stopped), and one whose fingerprint changed starts over. Each stage body
 (`stages.BODIES`) is handed a `Context` carrying its fingerprint; `stage.json` records the
-fingerprint, status, timings, versions and the body's summary.
+fingerprint, status, timings (wall time: `seconds`), this process's peak MLX memory during the
+stage (`peak_memory_bytes`), versions and the body's summary.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from functools import partial
+
+import mlx.core as mx
 
 from mlx_distill import __version__
 from mlx_distill.context import Context, read_stage
@@ -197,8 +200,10 @@ def _run_selected(ctx, selected, prints, inputs, force, current, made) -> dict[s
             proc = _spawn_side(ctx, "baseline", force)
         try:
             with side.blas_share(proc is not None):
+                mx.reset_peak_memory()
                 # rank 0's fingerprint on every rank (each rank hashed its own copy of the files)
                 result = run_body(dataclasses.replace(ctx, fingerprint=info["fingerprint"]), name)
+                info["peak_memory_bytes"] = int(mx.get_peak_memory())  # this process's
         except BaseException as e:
             if dist.is_main():
                 status = "incomplete" if isinstance(e, StageIncomplete) else "failed"

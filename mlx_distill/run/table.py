@@ -96,7 +96,7 @@ TABLE: dict[str, Stage] = {
             sections=("eval", "data"),
             upstream=("teacher", "distill", "baseline"),
             made="the evaluation ran",
-            reads=("test",),
+            reads=("test", "valid"),  # valid: scored in place of a missing data.test
             ranks="all",
         ),
         Stage(

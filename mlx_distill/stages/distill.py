@@ -13,8 +13,10 @@ from mlx_distill.context import Context
 from mlx_distill.errors import BadInput
 from mlx_distill.files import write_json_atomic, write_text_atomic
 from mlx_distill.models import (
+    FLOAT_BYTES,
     build_model,
     export_quantized,
+    floating_dtype,
     from_teacher_layers,
     load_model,
     num_params,
@@ -119,6 +121,7 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
     recipe = recipe or ctx.recipe
     tokenizer = inputs.tokenizer(ctx)
     model, config = student(ctx, tokenizer)
+    dtype = export_dtype(recipe, floating_dtype(model))  # before training casts it
     if config["vocab_size"] < len(tokenizer.get_vocab()):
         raise BadInput(
             f"student vocab_size {config['vocab_size']} is smaller than the tokenizer's "
@@ -162,13 +165,13 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
     )
     refined = None
     if refine:
-        export_before(ctx, run, recipe, model, config)
+        export_before(ctx, run, recipe, model, config, dtype)
         refined = refine_phase(ctx, run, recipe, model, tokenizer, loader, optimizer, validate)
     if batches is not None:
         batches.close()
     if loader is not None and loader is not batches:
         loader.close()
-    adapter_info = export(ctx, run, recipe, model, config)  # fuses adapters: count after it
+    adapter_info = export(ctx, run, recipe, model, config, dtype)  # fuses: count after it
     summary = {
         "parameters": num_params(model),
         **adapter_info,
@@ -177,6 +180,7 @@ def train_student(ctx: Context, run: str, use_cache: bool, recipe=None) -> dict:
         "resumed_from": result.resumed_from,
         **group_summary(result),
         "path": str(out_dir(ctx, run)),
+        "dtype": dtype,
         **inputs.data_summary(cut),
     }
     if mode != "offline":  # the time split of this process's on-policy work
@@ -270,7 +274,7 @@ def before_dir(ctx: Context, run: str) -> Path:
     return out_dir(ctx, run).with_name(out_dir(ctx, run).name + "-before-refine")
 
 
-def export_before(ctx: Context, run: str, recipe, model, config) -> None:
+def export_before(ctx: Context, run: str, recipe, model, config, dtype: str) -> None:
     """Save the trained model as it is before the refinement phase (rank 0; adapters fused
     into a copy, so training goes on with them)."""
     import copy
@@ -280,13 +284,23 @@ def export_before(ctx: Context, run: str, recipe, model, config) -> None:
     if recipe.student.train != "full":
         model = copy.deepcopy(model)
         fuse_adapters(model)
-    save_model(model, config, student_tokenizer_dir(ctx), before_dir(ctx, run))
+    save_model(model, config, student_tokenizer_dir(ctx), before_dir(ctx, run), dtype)
 
 
-def export(ctx: Context, run: str, recipe, model, config) -> dict:
-    """Save run `run`'s trained model in mlx-lm format (rank 0): its adapters first when it
-    trained some, then the model with them fused, and the quantized copy of the KD student.
-    Returns the summary's adapter entries ({} for full training)."""
+def export_dtype(recipe, start: str) -> str:
+    """The dtype run's models are saved in: export.dtype, else the one trained in
+    (train.dtype), or the student's initial weights' (`start`) when those are narrower: a bf16
+    checkpoint trained under the default float32 is exported as bf16, as it came."""
+    if recipe.export.dtype is not None:
+        return recipe.export.dtype
+    trained = recipe.train.dtype
+    return start if FLOAT_BYTES.get(start, 4) < FLOAT_BYTES[trained] else trained
+
+
+def export(ctx: Context, run: str, recipe, model, config, dtype: str) -> dict:
+    """Save run `run`'s trained model in mlx-lm format (rank 0), its weights in `dtype`: its
+    adapters first when it trained some, then the model with them fused, and the quantized
+    copy of the KD student. Returns the summary's adapter entries ({} for full training)."""
     main = distributed.is_main()  # in a distributed group rank 0 alone writes the models
     out = out_dir(ctx, run)
     stage_json = None
@@ -302,7 +316,7 @@ def export(ctx: Context, run: str, recipe, model, config) -> dict:
         fuse_adapters(model)  # the exported student loads alone, as after mlx_lm.fuse
     bits = recipe.export.quantize_bits
     if main:
-        save_model(model, config, student_tokenizer_dir(ctx), out)
+        save_model(model, config, student_tokenizer_dir(ctx), out, dtype)
         if run == "distill" and bits:
             export_quantized(out, ctx.run_dir / f"student-q{bits}", bits)
         if stage_json is not None:  # the baseline's model folder is also its stage folder

@@ -2,7 +2,9 @@
 
 Exact match when the data has a task with a checker, perplexity and top-1 agreement with the
 teacher, and greedy samples for the report; the metrics themselves are `mlx_distill.evaluate`.
-Results land in eval/results.json; the stage summary leaves out the samples and solved lists.
+Without data.test it scores data.valid (exact match skipped), or with neither split counts the
+parameters alone (`held_out`). Results land in eval/results.json; the stage summary leaves out
+the samples and solved lists.
 """
 
 from __future__ import annotations
@@ -51,13 +53,31 @@ def run_models(ctx: Context) -> dict[str, Path]:
     return found
 
 
+def held_out(recipe) -> tuple[str | None, str | None]:
+    """(split, note): the split the eval stage scores, and what it leaves out without data.test
+    (None: nothing left out). Without data.test it scores data.valid, exact match skipped;
+    without either, it counts parameters alone."""
+    if recipe.data.test is not None:
+        return "test", None
+    if recipe.data.valid is not None:
+        return "valid", (
+            "data.test not set: perplexity and agreement on data.valid, exact match skipped"
+        )
+    return None, "data.test and data.valid not set: parameters counted, nothing scored"
+
+
 def evaluate_run(ctx: Context) -> dict:
-    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher."""
+    """Exact match (if the data has a task), perplexity and top-1 agreement with the teacher,
+    on data.test (or, as `held_out` says, on less)."""
     from tqdm import tqdm
 
     recipe = ctx.recipe
-    records = read_split(recipe.data, "test", limit=recipe.eval.num_examples)
-    check = get_checker(recipe.data.task)
+    split, note = held_out(recipe)
+    if note:
+        ctx.log(f"[eval] {note}")
+    path = getattr(recipe.data, split) if split else None
+    records = read_split(recipe.data, split, limit=recipe.eval.num_examples) if path else []
+    check = get_checker(recipe.data.task) if split == "test" else None
     # In a distributed group each rank evaluates every W-th batch; rank 0 writes the results.
     shard = distributed.world() > 1
     bs = recipe.eval.batch_size
@@ -73,16 +93,18 @@ def evaluate_run(ctx: Context) -> dict:
     results: dict[str, dict] = {}
     answers: dict[str, list] = {}  # role -> (prompt ids, greedy answer ids) per problem
     for role, (model, tokenizer, _) in loaded.items():
+        row = {"parameters": num_params(model)}  # quantized: as unquantized weights
+        results[role] = row
+        if not records:
+            continue
         examples, _ = encode_records(
             tokenizer,
             records,
             max_len=recipe.data.max_seq_len + 1,
             train_on=recipe.data.train_on,
-            what=f"{recipe.data.test} ({role})",
+            what=f"{path} ({role})",
         )
-        row = {"perplexity": perplexity(model, examples, shard=shard)}
-        if not role.startswith("student-q"):  # packed quantized weights would miscount
-            row["parameters"] = num_params(model)
+        row["perplexity"] = perplexity(model, examples, shard=shard)
         if check is not None and all("answer" in r for r in records):
             bar = tqdm(total=mine, desc=f"eval {role}", unit="problem", disable=not ctx.progress)
             acc, outputs = exact_match(
@@ -121,8 +143,8 @@ def evaluate_run(ctx: Context) -> dict:
         if role != "teacher" and "teacher" in loaded and shared(role):
             teacher = loaded["teacher"][0]
             row["top1_agreement"] = top1_agreement(model, teacher, examples, shard=shard)
-        results[role] = row
     summary = {"seed": recipe.seed, "num_examples": len(records), "models": results}
+    summary.update(split=split, path=path, note=note)
     out = ctx.stage_dir("eval")
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import yaml
 
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe_gemini import GeminiConfig, validate_gemini
-from mlx_distill.schema import check_choices, choices, closest, fingerprint, from_dict
+from mlx_distill.schema import check_choices, choices, closest, fingerprint, from_dict  # noqa: F401 (choices: re-exported)
 
 STAGES = ("tokenizer", "teacher", "cache", "distill", "baseline", "eval", "report")
 
@@ -404,7 +404,9 @@ class Recipe:
         ):
             if value <= 0:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
-        self._validate_distill()
+        from mlx_distill.recipe_modes import validate_modes  # it imports this module
+
+        validate_modes(self)
         distills_local_topk = (
             self.distill.reads_cache()
             and self.teacher.kind == "local"
@@ -449,97 +451,6 @@ class Recipe:
                 f"got {g.temperature} and {g.top_p}"
             )
 
-    def _validate_distill(self) -> None:
-        d = self.distill
-        if d.mode != "offline" and self.teacher.kind == "gemini":
-            raise BadInput(_gemini_refusal("distill.mode", d.mode))
-        if not 0.0 <= d.lmbda <= 1.0:
-            raise BadInput(f"recipe key distill.lmbda: must be in [0, 1], got {d.lmbda}")
-        if d.samples_per_prompt < 1 or self.train.batch_size % d.samples_per_prompt:
-            raise BadInput(
-                f"recipe key distill.samples_per_prompt: must be >= 1 and divide "
-                f"train.batch_size {self.train.batch_size}, got {d.samples_per_prompt}"
-            )
-        if d.temperature < 0 or not 0.0 < d.top_p <= 1.0:
-            raise BadInput("recipe keys distill.temperature >= 0 and distill.top_p in (0, 1]")
-        if d.max_new_tokens < 1 or d.k < 1:
-            raise BadInput("recipe keys distill.max_new_tokens and distill.k must be >= 1")
-        self._validate_offline_steps("distill", d.mode, d.offline_steps, self.train.steps)
-        if "distill" in self.stages and d.reads_cache() and "cache" not in self.stages:
-            key = "distill.offline_steps" if d.mode == "on_policy" else "distill.mode"
-            raise BadInput(
-                f"recipe key {key}: the distill stage trains on the teacher cache ({d.mode}"
-                f"{f', offline_steps {d.offline_steps}' if d.offline_steps else ''}), and stages "
-                "has no cache stage; add cache to stages, or use mode on_policy"
-            )
-        for i, entry in enumerate(d.compare):
-            self._validate_compare(f"distill.compare[{i}]", entry)
-        self._validate_refine()
-
-    def _validate_refine(self) -> None:
-        r = self.refine
-        if r.steps < 0 or r.warmup < 0:
-            raise BadInput("recipe keys refine.steps and refine.warmup: must be >= 0")
-        if r.steps == 0:
-            return
-        if r.lr_for(self.train) <= 0:
-            raise BadInput(f"recipe key refine.lr: must be > 0, got {r.lr}")
-        if not 0.0 <= r.lmbda <= 1.0:
-            raise BadInput(f"recipe key refine.lmbda: must be in [0, 1], got {r.lmbda}")
-        if r.temperature <= 0:
-            raise BadInput(f"recipe key refine.temperature: must be > 0, got {r.temperature}")
-        if r.mode != "offline":
-            if self.teacher.kind == "gemini":
-                raise BadInput(_gemini_refusal("refine.mode", r.mode))
-            if r.samples_per_prompt < 1 or self.train.batch_size % r.samples_per_prompt:
-                raise BadInput(
-                    f"recipe key refine.samples_per_prompt: must be >= 1 and divide "
-                    f"train.batch_size {self.train.batch_size}, got {r.samples_per_prompt}"
-                )
-        if r.mode != "on_policy" and "cache" not in self.stages:
-            raise BadInput(
-                f"recipe key refine.mode: {r.mode} trains on the teacher cache, and stages has "
-                "no cache stage; add cache to stages, or use mode on_policy"
-            )
-
-    def _validate_compare(self, key: str, entry: CompareRun) -> None:
-        modes = ", ".join(choices(DistillMode))
-        if entry.mode not in choices(DistillMode):
-            got = "required, one" if entry.mode is None else f"{entry.mode!r} is not one"
-            raise BadInput(f"recipe key {key}.mode: {got} of {modes}")
-        if entry.steps is not None and entry.steps <= 0:
-            raise BadInput(f"recipe key {key}.steps: must be > 0, got {entry.steps}")
-        if entry.lmbda is not None:
-            if entry.mode != "mixed":
-                raise BadInput(f"recipe key {key}.lmbda: only for mode mixed, not {entry.mode}")
-            if not 0.0 <= entry.lmbda <= 1.0:
-                raise BadInput(f"recipe key {key}.lmbda: must be in [0, 1], got {entry.lmbda}")
-        if entry.mode != "offline" and self.teacher.kind == "gemini":
-            raise BadInput(_gemini_refusal(f"{key}.mode", entry.mode))
-        cfg = self.distill.for_entry(entry)
-        warm = cfg.offline_steps if entry.offline_steps is None else entry.offline_steps
-        self._validate_offline_steps(key, entry.mode, warm, entry.steps or self.train.steps)
-        if cfg.reads_cache() and "cache" not in self.stages:
-            raise BadInput(
-                f"recipe key {key}.mode: {entry.mode} trains on the teacher cache, and stages "
-                "has no cache stage; add cache to stages, or use mode on_policy"
-            )
-
-    @staticmethod
-    def _validate_offline_steps(key: str, mode: str, offline_steps: int, steps: int) -> None:
-        if offline_steps == 0:
-            return
-        if mode == "offline":
-            raise BadInput(
-                f"recipe key {key}.offline_steps: only for mode on_policy or mixed (an offline "
-                "run reads the cache at every step)"
-            )
-        if not 0 < offline_steps < steps:
-            raise BadInput(
-                f"recipe key {key}.offline_steps: must be in [0, {steps}) (the run's steps), "
-                f"got {offline_steps}"
-            )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -550,14 +461,6 @@ class Recipe:
         """A stable hash of some top-level sections (the input to a stage fingerprint)."""
         data = self.to_dict()
         return fingerprint({k: data[k] for k in keys})
-
-
-def _gemini_refusal(key: str, mode: str) -> str:
-    return (
-        f"recipe key {key}: {mode} needs a teacher that scores the student's own tokens, and "
-        "Gemini cannot score text it did not write; use teacher.kind: local with an mlx-lm "
-        f"teacher (e.g. a 4-bit Qwen2.5), or {key}: offline"
-    )
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from mlx_distill.errors import BadInput
 from mlx_distill.recipe_gemini import GeminiConfig, validate_gemini
+from mlx_distill.recipe_modes import DistillMode, validate_modes
 from mlx_distill.schema import check_choices, choices, closest, fingerprint, from_dict  # noqa: F401 (choices: re-exported)
 
 STAGES = ("tokenizer", "teacher", "cache", "distill", "baseline", "eval", "report")
@@ -37,7 +38,6 @@ ExportDType = Literal["float32", "bfloat16", "float16"]
 TrainOn = Literal["assistant", "last"]  # which assistant turns of a conversation are trained
 StudentTrain = Literal["full", "lora", "dora"]  # which weights train (adapters: base frozen)
 ScratchArch = Literal["llama", "qwen2"]  # architectures `ModelConfig` can build from scratch
-DistillMode = Literal["offline", "on_policy", "mixed"]
 OnPolicyLoss = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
 Schedule = Literal["cosine", "constant"]  # after the linear warmup
 RefineOptimizer = Literal["fresh", "carry"]  # the refinement phase's AdamW state
@@ -404,8 +404,6 @@ class Recipe:
         ):
             if value <= 0:
                 raise BadInput(f"recipe key {key}: must be > 0, got {value}")
-        from mlx_distill.recipe_modes import validate_modes  # it imports this module
-
         validate_modes(self)
         distills_local_topk = (
             self.distill.reads_cache()

@@ -1,15 +1,19 @@
 """The recipe's run-mode checks: distill.mode and its settings, each distill.compare entry,
 refine.*, and what each mode needs of the teacher and the stages (part of the typed recipe
-schema in `mlx_distill.recipe`, whose `Recipe.validate` calls `validate_modes`)."""
+schema in `mlx_distill.recipe`, whose `Recipe.validate` calls `validate_modes`; the recipe
+passed in is a `mlx_distill.recipe.Recipe`)."""
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from mlx_distill.errors import BadInput
-from mlx_distill.recipe import CompareRun, DistillMode, Recipe
 from mlx_distill.schema import choices
 
+DistillMode = Literal["offline", "on_policy", "mixed"]
 
-def validate_modes(recipe: Recipe) -> None:
+
+def validate_modes(recipe: Any) -> None:
     """distill.*, distill.compare[*] and refine.*: the modes and what each needs."""
     d = recipe.distill
     if d.mode != "offline" and recipe.teacher.kind == "gemini":
@@ -38,7 +42,7 @@ def validate_modes(recipe: Recipe) -> None:
     _validate_refine(recipe)
 
 
-def _validate_refine(recipe: Recipe) -> None:
+def _validate_refine(recipe: Any) -> None:
     r = recipe.refine
     if r.steps < 0 or r.warmup < 0:
         raise BadInput("recipe keys refine.steps and refine.warmup: must be >= 0")
@@ -65,7 +69,7 @@ def _validate_refine(recipe: Recipe) -> None:
         )
 
 
-def _validate_compare(recipe: Recipe, key: str, entry: CompareRun) -> None:
+def _validate_compare(recipe: Any, key: str, entry: Any) -> None:
     modes = ", ".join(choices(DistillMode))
     if entry.mode not in choices(DistillMode):
         got = "required, one" if entry.mode is None else f"{entry.mode!r} is not one"

@@ -137,18 +137,18 @@ def test_a_character_split_over_byte_pieces_is_one_step_with_the_joint_logprob()
     assert all(s[0] for s in steps)
 
 
-def _recipe(tmp, teacher, **extra) -> dict:
+def _recipe(tmp, teacher, student_tokenizer="qwen2", **extra) -> dict:
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     student = _model(
-        tmp / "student", tokenizer_dir("qwen2"), "qwen2", True,
+        tmp / "student", tokenizer_dir(student_tokenizer), "qwen2", True,
         FACTS["qwen2"]["embedding_rows"], hidden=32, layers=1, norm_gain=4.0,
     )  # fmt: skip
     recipe = {
         "name": "cross",
         "runs_dir": str(tmp / "runs"),
         "data": {"train": str(data), "test": str(data), "max_seq_len": 40},
-        "tokenizer": {"path": str(tokenizer_dir("qwen2"))},
+        "tokenizer": {"path": str(tokenizer_dir(student_tokenizer))},
         "teacher": {"kind": "local", "path": str(teacher)},
         "cache": {"targets": "topk", "k": 8, "batch_size": 8},
         "student": {"init": "pretrained", "path": str(student)},
@@ -256,3 +256,32 @@ def test_a_llama3_teacher_distills_into_a_qwen2_student(tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
     assert "top1_agreement" not in results["student"]  # token comparisons need one vocabulary
     assert results["teacher"]["perplexity"] > 0
+
+
+def test_tool_use_with_a_cross_tokenizer_teacher_is_refused_before_any_write(
+    tmp_path, monkeypatch, capsys
+):
+    from tiny import main
+
+    teacher = _model(tmp_path / "teacher", tokenizer_dir("llama3"), "llama", False, 128256, 32, 1)
+    spec = _recipe(tmp_path, teacher, "qwen3")  # Qwen3's template renders tools
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rows = ROWS + [
+        {
+            "tools": tools,
+            "messages": [
+                {"role": "user", "content": "1 + 2?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+            ],
+        }
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec["data"]["test"] = str(tmp_path / "test.jsonl")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(spec))
+    code, _, err = main(monkeypatch, capsys, "run", str(recipe), "--no-progress")
+    line = one_line(code, err)
+    assert "train.jsonl record 4: tool use" in line
+    assert not (tmp_path / "runs" / "cross").exists()

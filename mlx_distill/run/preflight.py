@@ -46,8 +46,30 @@ def check_inputs(recipe: Recipe, stages: list[str]) -> None:
         else:
             records[split] = check_data_file(f"data.{split}", Path(value))
     if any(TABLE[s].reads for s in selected):  # every stage that reads data encodes it
-        check_tokenizers(recipe, selected)
+        cross = check_tokenizers(recipe, selected)
         check_renders(recipe, selected, records)
+        check_answers(recipe, selected, records.get("train"), cross)
+
+
+def check_answers(recipe: Recipe, selected: set[str], train: list | None, cross: bool) -> None:
+    """The training records as the teacher answers them (teacher.answers: generate) or as a
+    teacher with another tokenizer reads them: chat records with a text answer, whose
+    conversation the teacher's own template renders."""
+    generate = recipe.teacher.answers == "generate" and "teacher" in selected
+    if not train or not (generate or (cross and "cache" in selected)):
+        return
+    from mlx_distill.teachers.cross import conversation
+    from mlx_distill.text.chat import generation_prompt
+
+    teacher_tok = load_tokenizer(recipe.teacher.path) if recipe.teacher.path else None
+    seen = set()
+    for n, record in enumerate(train):
+        where = f"{recipe.data.train} record {n + 1}"
+        context, _ = conversation(record, where)
+        shape = tuple(m["role"] for m in context)
+        if teacher_tok is not None and shape not in seen:
+            seen.add(shape)
+            generation_prompt(teacher_tok, context, f"{where} (the teacher's chat template)")
 
 
 def check_renders(recipe: Recipe, selected: set[str], records: dict[str, list]) -> None:
@@ -170,11 +192,11 @@ def check_model_folder(key: str, folder: Path):
     return check_tokenizer_folder(key, folder)
 
 
-def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
+def check_tokenizers(recipe: Recipe, selected: set[str]) -> bool:
     """Folders the selected stages read, and the tokenizer agreement the run needs: the
     student's weights with the tokenizer they were trained with, and a teacher that shares it,
     or a given local teacher with its own (cross-tokenizer: offline, top-k targets aligned by
-    character offsets, `teachers/cross.py`)."""
+    character offsets, `teachers/cross.py`). True for such a teacher."""
     tok_path = recipe.tokenizer.path
     recipe_tok = check_tokenizer_folder("tokenizer.path", Path(tok_path)) if tok_path else None
     local = recipe.teacher.kind == "local"
@@ -190,7 +212,7 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
     if student.init == "teacher_layers":
         teacher_users |= {"distill", "baseline"}
     if not (teacher_dir and selected & (teacher_users | {"tokenizer"})):
-        return
+        return False
     teacher_tok = check_model_folder(teacher_key, Path(teacher_dir))
     if recipe_tok is None:
         raise BadInput(
@@ -200,10 +222,11 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
         )
     if vocab_hash(recipe_tok) != vocab_hash(teacher_tok):
         _cross_tokenizer_allowed(recipe, teacher_dir, teacher_key)
-        return
+        return True
     if _on_policy(recipe) and "distill" in selected:
         # the teacher scores the student's text: both must read it in the same chat format
         check_templates(recipe_tok, teacher_tok, teacher_dir)
+    return False
 
 
 def _same_tokenizer(recipe_tok, tok_path, owner_tok, folder: str, who: str) -> None:

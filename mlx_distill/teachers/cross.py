@@ -55,6 +55,12 @@ def conversation(record: dict, where: str) -> tuple[list[dict], str]:
         )
     messages = record_messages(record)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if record.get("tools") or any(m.get("tool_calls") for m in messages[: last + 1]):
+        raise BadInput(
+            f"{where}: tool use; a teacher with another tokenizer and teacher.answers: generate "
+            "learn from text answers (tools and tool calls are trained with a shared tokenizer "
+            "and teacher.answers: data)"
+        )
     return messages[:last], messages[last]["content"]
 
 

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from mlx_distill import backend
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.loss import choose_chunk
-from mlx_distill.models import model_config_dict, model_from_config
+from mlx_distill.models import check_folder, model_config_dict, model_from_config
 from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.recipe import Recipe
 from mlx_distill.text.tokenizer import load_tokenizer
@@ -200,6 +200,7 @@ def _folder_skeleton(path: Path) -> tuple[nn.Module, dict]:
 
     if not (path / "config.json").is_file():
         raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
+    check_folder(path)  # an architecture the fused loss reproduces (config.json alone: mlx-lm's)
     return load_model(path, lazy=True)
 
 

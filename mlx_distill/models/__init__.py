@@ -1,9 +1,10 @@
 """Students and local teachers as mlx-lm architectures.
 
-Build one from a `ModelConfig` (`llama`, `qwen2`), load an mlx-lm folder of any verified
-architecture (`VERIFIED_ARCHS`; others are refused), or cut a student from a teacher by keeping
-every k-th layer. The fused loss needs the final hidden states, the LM-head weight and the
-architecture's logits transform: `head_inputs` (see `heads.py`). Saved folders are plain mlx-lm
+Build one from a `ModelConfig` (`llama`, `qwen2`), load an mlx-lm folder of any architecture
+mlx-lm builds, or cut a student from a teacher by keeping every k-th layer. The fused loss needs
+the final hidden states, the LM-head weight and the architecture's logits transform:
+`head_inputs` (see `heads.py`), proven on a probe whenever a model is loaded or built (`prove`;
+a model it does not hold for is refused with one line). Saved folders are plain mlx-lm
 format: `mlx_lm.load(path)` and `mlx_lm generate --model path` read them offline.
 """
 
@@ -21,11 +22,13 @@ from mlx.utils import tree_flatten
 
 from mlx_distill.errors import BadInput
 from mlx_distill.files import atomic_dir
-from mlx_distill.models.heads import ARCHS as VERIFIED_ARCHS
 from mlx_distill.models.heads import (
+    Contract,
     Head,
     architecture,
+    backbone,
     check_architecture,
+    contract,
     head_inputs,
     hidden_states,
     lm_head,
@@ -39,11 +42,13 @@ ARCHS = ("llama", "qwen2")  # what `build_model` builds from a ModelConfig
 
 __all__ = [
     "ARCHS",
-    "VERIFIED_ARCHS",
+    "Contract",
     "Head",
     "architecture",
     "build_model",
     "check_architecture",
+    "check_folder",
+    "contract",
     "export_quantized",
     "from_teacher_layers",
     "head_inputs",
@@ -95,6 +100,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[nn.Module, dict]:
     config = model_config_dict(cfg, vocab_size)
     model = model_from_config(config)
     mx.eval(model.parameters())
+    contract(model)
     return model, config
 
 
@@ -102,19 +108,63 @@ def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, config) from an mlx-lm folder; safetensors only, no remote code.
 
     What `mlx_lm.load` returns, with the tokenizer from the project's loader (cached in-process
-    by content, and stopping at the chat template's end-of-turn token too).
+    by content, and stopping at the chat template's end-of-turn token too). The head contract
+    is proven on the loaded model (once per folder content in this process): BadInput if it
+    does not hold.
     """
+    path = Path(path)
+    model, config = _load_proven(path)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+# folder content (path, config.json, weight files' sizes and times) -> its proven contract
+_PROVEN: dict[tuple, Contract] = {}
+
+
+def _folder_key(path: Path) -> tuple:
+    files = sorted(path.glob("*.safetensors"))
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return str(path.resolve()), (path / "config.json").read_bytes(), stats
+
+
+def _load_proven(path: Path) -> tuple[nn.Module, dict]:
     from mlx_lm.utils import load_model as load_weights
 
-    path = Path(path)
     if not (path / "config.json").is_file():
         raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
     if not list(path.glob("*.safetensors")):
         raise BadInput(f"no .safetensors weights in {path}")
-    check_architecture(_model_type(path))
+    check_folder(path, weights=False)
+    key = _folder_key(path)
     model, config = load_weights(path)
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer, config
+    if key in _PROVEN:
+        model._head_contract = _PROVEN[key]
+    _PROVEN[key] = contract(model)
+    return model, config
+
+
+def check_folder(path: str | Path, weights: bool = True) -> None:
+    """BadInput (one line) unless mlx-lm can build the folder's architecture and, with
+    `weights` and the weights present, the head contract holds on them (proven on a probe
+    once per folder content). A folder holding config.json alone is checked from it."""
+    from mlx_lm.utils import _get_classes
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
+    model_type = _model_type(path)
+    try:
+        _get_classes({"model_type": model_type})
+    except ValueError:
+        import mlx_lm
+
+        raise BadInput(
+            f"{path}: architecture {model_type!r} is not one mlx-lm {mlx_lm.__version__} can "
+            f"build (no mlx_lm.models.{model_type})"
+        ) from None
+    if weights and list(path.glob("*.safetensors")) and _folder_key(path) not in _PROVEN:
+        _load_proven(path)
 
 
 def _model_type(path: Path) -> str:
@@ -128,11 +178,13 @@ def _model_type(path: Path) -> str:
 def _layer_list(model: nn.Module) -> tuple[str, list]:
     """(parameter path, modules) of the model's list of transformer blocks."""
     lm = text_model(model)
-    prefix = "language_model." if lm is not model else ""
-    for name in ("layers", "h"):
-        if name in lm.model and isinstance(lm.model[name], list):
-            return f"{prefix}model.{name}", lm.model[name]
-    raise BadInput(f"{architecture(model)}: no list of layers at model.layers or model.h")
+    paths = {id(m): p for p, m in model.named_modules()}
+    for owner in (backbone(lm), lm):
+        for name in ("layers", "h"):
+            if owner is not None and isinstance(owner.get(name), list):
+                prefix = paths[id(owner)]
+                return f"{prefix}.{name}" if prefix else name, owner[name]
+    raise BadInput(f"{architecture(model)}: no list of layers in its backbone (layers, h)")
 
 
 def _layer_kind(layer: nn.Module, path: str = "") -> dict:
@@ -164,8 +216,10 @@ def _cut_config(teacher: nn.Module, config: dict, n: int, keep: list[int]) -> di
     target[key] = len(keep)
     args = getattr(text_model(teacher), "args", None)
     for name, value in (vars(args) if args is not None else {}).items():
-        if isinstance(value, list) and len(value) == n:
-            target[name] = [value[i] for i in keep]
+        pattern = isinstance(value, str) and name.endswith("pattern")  # Nemotron-H's "M*M-"
+        if (isinstance(value, list) or pattern) and len(value) == n:
+            cut = [value[i] for i in keep]
+            target[name] = "".join(cut) if pattern else cut
     return student
 
 
@@ -177,11 +231,12 @@ def from_teacher_layers(
 
     Embeddings, final norm and head are copied too, so the student shares the teacher's
     tokenizer and starts from its representations (DistilBERT-style initialization). Works for
-    every allow-listed architecture; refused when a kept layer would change kind at its new
-    position (e.g. Gemma 3's sliding/global pattern, Qwen3.5's linear/full attention).
+    every architecture whose blocks form one list (dense, mixture-of-experts, hybrid); refused
+    when a kept layer would change kind at its new position (e.g. Gemma 3's sliding/global
+    pattern, Qwen3.5's linear/full attention).
     """
     arch = architecture(teacher)
-    check_architecture(arch)
+    contract(teacher)
     path, teacher_layers = _layer_list(teacher)
     n = len(teacher_layers)
     if layers is not None:
@@ -220,6 +275,7 @@ def from_teacher_layers(
     except ValueError as e:
         raise BadInput(f"student.init teacher_layers: cannot cut the {arch} teacher: {e}") from None
     mx.eval(student.parameters())
+    contract(student)
     return student, student_config
 
 

@@ -1,7 +1,8 @@
 """Every input a run reads, checked before any stage writes: one line per problem, exit 2.
 
 Data files (UTF-8, JSONL shape, with the line), tokenizer folders (JSON files, loading, chat
-template), model folders (config.json, safetensors weights) and the tokenizer agreement between
+template), model folders (config.json, safetensors weights, an architecture whose head contract
+holds on a probe: `models.check_folder`) and the tokenizer agreement between
 student, teacher and `tokenizer.path`: token-level targets need one vocabulary, and a student's
 weights only make sense with the tokenizer they were trained with (its own folder for
 `student.init: pretrained`, the teacher's for `teacher_layers`). In a distributed group, what
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
+from mlx_distill.models import check_folder
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
 from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
@@ -162,6 +164,17 @@ def check_model_folder(key: str, folder: Path):
     return check_tokenizer_folder(key, folder)
 
 
+def check_architecture_folder(key: str, folder: Path) -> None:
+    """The model in `folder` (recipe key `key`) is one the fused loss reproduces: mlx-lm builds
+    its architecture and the head contract holds on a probe (`models.check_folder`, proven
+    once per folder content in this process, so the stage that loads it next does not probe
+    again)."""
+    try:
+        check_folder(folder)
+    except BadInput as e:
+        raise BadInput(f"recipe key {key}: {e}") from None
+
+
 def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
     """Folders the selected stages read, and one vocabulary for student, teacher and recipe."""
     tok_path = recipe.tokenizer.path
@@ -193,6 +206,8 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
                 f"recipe key tokenizer.path: the tokenizer in {tok_path} (vocab hash {mine}) does "
                 f"not match {who} in {folder} ({theirs}); set tokenizer.path: {folder}"
             )
+    for key, folder, _ in owners:  # the architecture, once the cheaper checks have passed
+        check_architecture_folder(key, Path(folder))
     on_policy = (
         recipe.distill.mode != "offline"
         or any(c.mode != "offline" for c in recipe.distill.compare)

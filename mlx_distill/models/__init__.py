@@ -220,6 +220,10 @@ def _cut_config(teacher: nn.Module, config: dict, n: int, keep: list[int]) -> di
         if (isinstance(value, list) or pattern) and len(value) == n:
             cut = [value[i] for i in keep]
             target[name] = "".join(cut) if pattern else cut
+        elif isinstance(value, list) and name.endswith(("_idxs", "_layers")):
+            # lists of layer indices (LFM2's full_attn_idxs, Qwen3-MoE's mlp_only_layers)
+            if all(isinstance(i, int) and 0 <= i < n for i in value):
+                target[name] = [keep.index(i) for i in value if i in keep]
     return student
 
 
@@ -249,7 +253,14 @@ def from_teacher_layers(
     if any(k.endswith(".scales") for k in teacher_params):
         raise BadInput("student.init teacher_layers needs an unquantized teacher")
     student_config = _cut_config(teacher, config, n, keep)
-    student = model_from_config(student_config)
+    try:
+        student = model_from_config(student_config)
+    except Exception as e:  # a layer pattern the architecture's code cannot take (gpt_oss)
+        detail = f"{type(e).__name__}: {str(e).strip()[:120]}"
+        raise BadInput(
+            f"student.layers {keep}: mlx-lm cannot build a {arch} student from these teacher "
+            f"layers ({detail}); choose others"
+        ) from None
     _, student_layers = _layer_list(student)
     for j, i in enumerate(keep):
         want, got = _layer_kind(teacher_layers[i]), _layer_kind(student_layers[j])

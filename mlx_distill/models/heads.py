@@ -379,7 +379,15 @@ def contract(model: nn.Module) -> Contract:
     """The model's proven contract, measured once per model instance (`prove`)."""
     found = getattr(model, "_head_contract", None)
     if found is None:
-        found = prove(model)
+        try:
+            found = prove(model)
+        except ValueError as e:  # the probe evaluates, which mx.compile's tracing forbids
+            if "transformations" not in str(e):
+                raise
+            raise RuntimeError(
+                "the head contract of a model is proven before a compiled step traces it: call "
+                "models.contract(model) after building it (load_model and build_model do)"
+            ) from None
         model._head_contract = found  # a plain attribute: not a parameter, not saved
     return found
 

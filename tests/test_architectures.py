@@ -421,11 +421,16 @@ if __name__ == "__main__":
         tok = arithmetic_tokenizer(Path(tmp) / "tok")
         print("| architecture | kind | variant | contract | loss rel. err | grad rel. err |")
         print("|---|---|---|---|---|---|")
+        hybrid = {"qwen3_5_moe", "qwen3_next", "lfm2", "granitemoehybrid", "falcon_h1"}
+        hybrid |= {"nemotron_h"}  # state-space, linear-attention or convolution layers
         rows = [(a, v, "dense") for a, v in DENSE_CASES]
-        rows += [(a, v, "MoE" if a in MOE else "student") for a, v in CASES]
+        for arch, variant in CASES:
+            moe = arch in MOE or arch == "granitemoehybrid"
+            kind = " + ".join(["MoE"] * moe + ["hybrid"] * (arch in hybrid)) or "dense"
+            rows.append((arch, variant, kind))
         for arch, variant, kind in rows:
             try:
-                if kind == "dense":
+                if arch not in CONFIGS:
                     model, tokens = build_case(arch, variant, tok, Path(tmp), 0)
                 else:
                     model, tokens = build(arch, variant, tok, Path(tmp), 0)

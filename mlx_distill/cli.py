@@ -40,7 +40,10 @@ def _run(
     from mlx_distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    if dry_run:
+    if dry_run:  # the inputs (data, tokenizers, model architectures) checked as a run would
+        from mlx_distill.run.preflight import check_inputs
+
+        check_inputs(recipe, list(stages) or list(recipe.stages))
         click.echo(recipe.to_yaml(), nl=False)
         return
     if group:  # teach/train: the group's stages that this recipe has

@@ -386,6 +386,18 @@ def test_a_teacher_mlx_lm_cannot_build_is_refused_before_any_write(monkeypatch, 
     assert not runs.exists()
 
 
+def test_dry_run_refuses_the_same_teacher(monkeypatch, capsys, tmp_path):
+    folder = _teacher_folder(tmp_path, "qwen9_moe")
+    runs = tmp_path / "runs"
+    extra = (f"tokenizer.path={folder}", f"teacher.path={folder}")
+    sets_ = quickstart_sets(runs, *extra)
+    code, out, err = main(
+        monkeypatch, capsys, "run", "recipes/quickstart.yaml", "--dry-run", *sets_
+    )
+    assert "architecture 'qwen9_moe' is not one mlx-lm" in one_line(code, err)
+    assert out == "" and not runs.exists()
+
+
 def test_a_teacher_whose_logits_do_not_match_is_refused_before_any_write(
     monkeypatch, capsys, tmp_path
 ):

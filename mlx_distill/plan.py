@@ -1,7 +1,8 @@
 """`mlx-distill plan`: each stage's predicted peak memory against what this device can use.
 
 Models are built as lazy skeletons (shapes and dtypes only; a pretrained folder is mapped, never
-read), so a plan costs no memory and no time. The peak of a training step is the sum of:
+read), so a plan costs no memory and no time; only a folder's head-contract probe reads its
+weights, once per process (`models.check_folder`). The peak of a training step is the sum of:
 all weights (in train.dtype; quantized weights packed), the trainable weights' gradients, AdamW's
 two fp32 moments (+ fp32 masters below fp32), the activations the backward pass keeps (every
 block's, or with `grad_checkpoint` one hidden state per block plus one block's), the fused loss's

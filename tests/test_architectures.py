@@ -37,7 +37,9 @@ from mlx_distill.models import (
     model_from_config,
     save_model,
 )
+from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.models.heads import head_site
+from mlx_distill.recipe import LoraConfig, StudentConfig
 
 D = dict(
     hidden_size=64,
@@ -249,7 +251,9 @@ SOFTCAPPED = {"gemma4_text", "gemma3n"}  # logits spread past the cap (30), as i
 # quantized variants (affine, group 32): MoE teachers as users run them, and two hybrids
 QUANTIZED = {"qwen3_moe": "q4", "mixtral": "q8", "gpt_oss": "q4", "deepseek_v3": "q4"}
 QUANTIZED |= {"qwen3_next": "q8", "nemotron_h": "q4"}
-CASES = [(a, "fp32") for a in CONFIGS] + sorted(QUANTIZED.items())
+# tied heads where the config chooses (Falcon-H1's tied head scales its logits)
+TIED = ("falcon_h1", "qwen3_moe", "olmo3")
+CASES = [(a, "fp32") for a in CONFIGS] + sorted(QUANTIZED.items()) + [(a, "tied") for a in TIED]
 # the teacher layers a student keeps: these line up with their kinds (MoE and hybrids)
 CUTS = {
     "qwen3_moe": [0, 3],
@@ -272,16 +276,18 @@ def _spread_head(model, tokens: mx.array, target: float) -> None:
 
 
 def build(arch: str, variant: str, tokenizer_dir, tmp_path, seed: int):
-    """`arch` tiny, in `variant` (fp32, q4, q8), saved and loaded back through the project."""
+    """`arch` tiny, in `variant` (fp32, tied, q4, q8), saved and loaded back through the project."""
     from mlx_lm.utils import quantize_model
 
     mx.random.seed(seed)
     config = json.loads(json.dumps(CONFIGS[arch]))
+    if variant == "tied":
+        config["tie_word_embeddings"] = True
     model = model_from_config(config)
     tokens = mx.array(np.random.default_rng(seed).integers(0, V, (2, 11)), dtype=mx.int32)
     _spread_head(model, tokens, 90.0 if arch in SOFTCAPPED else 30.0)
     mx.eval(model.parameters())
-    if variant != "fp32":
+    if variant in ("q4", "q8"):
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(model, config, 32, int(variant[1:]))
     path = save_model(model, config, tokenizer_dir, tmp_path / f"{arch}-{variant}")
@@ -299,10 +305,34 @@ def test_trains_like_its_own_logits(arch, variant, tokenizer_dir, tmp_path):
         assert dict(proven.fields) == {"softcap": 30.0}
     if arch == "granitemoehybrid":
         assert dict(proven.fields) == {"logit_scale": 4.0}  # 1 / logits_scaling
+    if (arch, variant) == ("falcon_h1", "tied"):  # lm_head_multiplier / embedding_multiplier
+        assert dict(proven.fields) == {"logit_scale": pytest.approx(0.0390625 / 5.656854249492381)}
     errs = measure(model, tokens, seed)
     assert errs["n_trainable"] > 0
     bad = {k: v for k, v in errs.items() if k != "n_trainable" and not v <= TOL}
     assert not bad, f"{arch}/{variant} seed {seed}: {bad}"
+
+
+# LoRA students (mlx-lm's adapters, mixture-of-experts layers included), one with its head adapted
+LORA = {
+    "qwen3_moe": ["self_attn.q_proj", "mlp.switch_mlp.down_proj", "lm_head"],
+    "nemotron_h": None,
+    # every linear is not an option: Gemma 3n's AltUp reads its Linear weights directly
+    "gemma3n": ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"],
+    "granitemoehybrid": None,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LORA))
+def test_lora_students_train_like_their_own_logits(arch, tokenizer_dir, tmp_path):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    model, tokens = build(arch, "fp32", tokenizer_dir, tmp_path, seed)
+    lora = LoraConfig(rank=4, scale=2.0, keys=LORA[arch])
+    apply_adapters(model, StudentConfig(train="lora", lora=lora))
+    errs = measure(model, tokens, seed)
+    assert errs["n_trainable"] > 0
+    bad = {k: v for k, v in errs.items() if k != "n_trainable" and not v <= TOL}
+    assert not bad, f"{arch}/lora seed {seed}: {bad}"
 
 
 @pytest.mark.parametrize("arch", sorted(CUTS))
@@ -396,6 +426,15 @@ def test_dry_run_refuses_the_same_teacher(monkeypatch, capsys, tmp_path):
     )
     assert "architecture 'qwen9_moe' is not one mlx-lm" in one_line(code, err)
     assert out == "" and not runs.exists()
+
+
+def test_plan_refuses_the_same_teacher_from_its_config_alone(monkeypatch, capsys, tmp_path):
+    folder = _teacher_folder(tmp_path, "qwen9_moe")
+    (folder / "model.safetensors").unlink()  # config.json alone, as before a download
+    extra = (f"tokenizer.path={folder}", f"teacher.path={folder}")
+    sets_ = quickstart_sets(tmp_path / "runs", *extra)
+    code, _, err = main(monkeypatch, capsys, "plan", "recipes/quickstart.yaml", *sets_)
+    assert "architecture 'qwen9_moe' is not one mlx-lm" in one_line(code, err)
 
 
 def test_a_teacher_whose_logits_do_not_match_is_refused_before_any_write(

@@ -246,6 +246,7 @@ STUDENTS = {
     | dict(layer_types=ALTERNATE),  # transformers' config reads these, mlx-lm the pattern
     "seed_oss": dict(D, **UNTIED),
 }
+QUICKSTART = ROOT / "data/quickstart/teacher"
 CONFIGS = {k: dict(v, model_type=k) for k, v in (MOE | STUDENTS).items()}
 SOFTCAPPED = {"gemma4_text", "gemma3n"}  # logits spread past the cap (30), as in test_heads
 # quantized variants (affine, group 32): MoE teachers as users run them, and two hybrids
@@ -392,7 +393,7 @@ def test_an_architecture_mlx_lm_cannot_build_is_refused_from_its_config(tmp_path
 
 
 def _teacher_folder(tmp_path, model_type: str | None = None):
-    folder = shutil.copytree(ROOT / "data/quickstart/teacher", tmp_path / "teacher")
+    folder = shutil.copytree(QUICKSTART, tmp_path / "teacher")
     if model_type:
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(dict(config, model_type=model_type)))
@@ -400,7 +401,9 @@ def _teacher_folder(tmp_path, model_type: str | None = None):
 
 
 def _run(monkeypatch, capsys, runs, folder):
-    extra = (f"tokenizer.path={folder}", f"teacher.path={folder}")
+    # the recipe's tokenizer is the quickstart teacher's own, as the copy's: transformers warns
+    # on stderr when it loads a tokenizer beside a model_type it does not know
+    extra = (f"tokenizer.path={QUICKSTART}", f"teacher.path={folder}")
     return main(
         monkeypatch, capsys, "run", "recipes/quickstart.yaml", *quickstart_sets(runs, *extra)
     )
@@ -419,7 +422,7 @@ def test_a_teacher_mlx_lm_cannot_build_is_refused_before_any_write(monkeypatch, 
 def test_dry_run_refuses_the_same_teacher(monkeypatch, capsys, tmp_path):
     folder = _teacher_folder(tmp_path, "qwen9_moe")
     runs = tmp_path / "runs"
-    extra = (f"tokenizer.path={folder}", f"teacher.path={folder}")
+    extra = (f"tokenizer.path={QUICKSTART}", f"teacher.path={folder}")
     sets_ = quickstart_sets(runs, *extra)
     code, out, err = main(
         monkeypatch, capsys, "run", "recipes/quickstart.yaml", "--dry-run", *sets_
@@ -431,10 +434,21 @@ def test_dry_run_refuses_the_same_teacher(monkeypatch, capsys, tmp_path):
 def test_plan_refuses_the_same_teacher_from_its_config_alone(monkeypatch, capsys, tmp_path):
     folder = _teacher_folder(tmp_path, "qwen9_moe")
     (folder / "model.safetensors").unlink()  # config.json alone, as before a download
-    extra = (f"tokenizer.path={folder}", f"teacher.path={folder}")
+    extra = (f"tokenizer.path={QUICKSTART}", f"teacher.path={folder}")
     sets_ = quickstart_sets(tmp_path / "runs", *extra)
     code, _, err = main(monkeypatch, capsys, "plan", "recipes/quickstart.yaml", *sets_)
     assert "architecture 'qwen9_moe' is not one mlx-lm" in one_line(code, err)
+
+
+def test_a_teacher_layer_cut_is_checked_before_any_write(monkeypatch, capsys, tmp_path):
+    folder = _teacher_folder(tmp_path)
+    runs = tmp_path / "runs"
+    extra = (f"tokenizer.path={QUICKSTART}", f"teacher.path={folder}")
+    extra += ("student.init=teacher_layers", "student.layers=[0, 99]")
+    sets_ = quickstart_sets(runs, *extra)
+    code, _, err = main(monkeypatch, capsys, "run", "recipes/quickstart.yaml", *sets_)
+    assert one_line(code, err) == "error: student.layers [0, 99]: the teacher has layers 0..7"
+    assert not runs.exists()
 
 
 def test_a_teacher_whose_logits_do_not_match_is_refused_before_any_write(

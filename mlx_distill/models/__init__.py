@@ -27,7 +27,6 @@ from mlx_distill.models.heads import (
     Head,
     architecture,
     backbone,
-    check_architecture,
     contract,
     head_inputs,
     hidden_states,
@@ -46,8 +45,8 @@ __all__ = [
     "Head",
     "architecture",
     "build_model",
-    "check_architecture",
     "check_folder",
+    "check_teacher_layers",
     "contract",
     "export_quantized",
     "from_teacher_layers",
@@ -239,8 +238,25 @@ def from_teacher_layers(
     when a kept layer would change kind at its new position (e.g. Gemma 3's sliding/global
     pattern, Qwen3.5's linear/full attention).
     """
-    arch = architecture(teacher)
     contract(teacher)
+    student, student_config = _cut_student(teacher, config, stride, layers)
+    mx.eval(student.parameters())
+    contract(student)
+    return student, student_config
+
+
+def check_teacher_layers(path: str | Path, stride: int, layers: list[int] | None) -> None:
+    """BadInput (one line) unless `from_teacher_layers` can cut the teacher in the mlx-lm folder
+    `path`: checked on its lazily loaded weights, none of them read (the run's preflight)."""
+    from mlx_lm.utils import load_model as load_weights
+
+    teacher, config = load_weights(Path(path), lazy=True)
+    _cut_student(teacher, config, stride, layers)
+
+
+def _cut_student(teacher: nn.Module, config: dict, stride: int, layers: list[int] | None):
+    """(student, config) of `from_teacher_layers`, its weights the teacher's lazy arrays."""
+    arch = architecture(teacher)
     path, teacher_layers = _layer_list(teacher)
     n = len(teacher_layers)
     if layers is not None:
@@ -285,8 +301,6 @@ def from_teacher_layers(
         student.load_weights(list(weights.items()))
     except ValueError as e:
         raise BadInput(f"student.init teacher_layers: cannot cut the {arch} teacher: {e}") from None
-    mx.eval(student.parameters())
-    contract(student)
     return student, student_config
 
 

@@ -394,11 +394,6 @@ def contract(model: nn.Module) -> Contract:
     return found
 
 
-def check_architecture(model: nn.Module) -> Contract:
-    """BadInput (one line) unless the fused loss reproduces the model's own logits."""
-    return contract(model)
-
-
 def _in_dim(head: Head) -> int:
     w = head.weight
     return w.weight.shape[1] * 32 // w.bits if isinstance(w, QuantizedWeight) else w.shape[1]

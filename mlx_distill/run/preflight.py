@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from mlx_distill.errors import BadInput
-from mlx_distill.models import check_folder
+from mlx_distill.models import check_folder, check_teacher_layers
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
 from mlx_distill.text.chat import ChatEncoder, record_messages, record_shape
@@ -156,6 +156,7 @@ def check_model_folder(key: str, folder: Path):
     if not (folder / "config.json").is_file():
         raise BadInput(f"recipe key {key}: not an mlx-lm model folder (no config.json): {folder}")
     _json_file(folder / "config.json")
+    check_architecture_folder(key, folder, weights=False)  # mlx-lm has the class (no probe yet)
     if not list(folder.glob("*.safetensors")):
         raise BadInput(
             f"recipe key {key}: no .safetensors weights in {folder} (weights are read only from "
@@ -164,13 +165,13 @@ def check_model_folder(key: str, folder: Path):
     return check_tokenizer_folder(key, folder)
 
 
-def check_architecture_folder(key: str, folder: Path) -> None:
+def check_architecture_folder(key: str, folder: Path, weights: bool = True) -> None:
     """The model in `folder` (recipe key `key`) is one the fused loss reproduces: mlx-lm builds
     its architecture and the head contract holds on a probe (`models.check_folder`, proven
     once per folder content in this process, so the stage that loads it next does not probe
     again)."""
     try:
-        check_folder(folder)
+        check_folder(folder, weights)
     except BadInput as e:
         raise BadInput(f"recipe key {key}: {e}") from None
 
@@ -208,6 +209,9 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> None:
             )
     for key, folder, _ in owners:  # the architecture, once the cheaper checks have passed
         check_architecture_folder(key, Path(folder))
+    if student.init == "teacher_layers" and teacher_dir and selected & {"distill", "baseline"}:
+        # the layers kept exist and line up with their kinds (no weights read)
+        check_teacher_layers(teacher_dir, student.layer_stride, student.layers)
     on_policy = (
         recipe.distill.mode != "offline"
         or any(c.mode != "offline" for c in recipe.distill.compare)

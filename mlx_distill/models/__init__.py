@@ -213,7 +213,8 @@ def _cut_config(teacher: nn.Module, config: dict, n: int, keep: list[int]) -> di
     if key is None:
         raise BadInput(f"{architecture(teacher)}: config has no layer count equal to {n}")
     target[key] = len(keep)
-    args = getattr(text_model(teacher), "args", None)
+    lm = text_model(teacher)
+    args = getattr(lm, "args", None) or getattr(lm, "config", None)  # Gemma 3n: config
     for name, value in (vars(args) if args is not None else {}).items():
         pattern = isinstance(value, str) and name.endswith("pattern")  # Nemotron-H's "M*M-"
         if (isinstance(value, list) or pattern) and len(value) == n:
@@ -241,7 +242,10 @@ def from_teacher_layers(
     contract(teacher)
     student, student_config = _cut_student(teacher, config, stride, layers)
     mx.eval(student.parameters())
-    contract(student)
+    try:
+        contract(student)
+    except BadInput as e:  # e.g. Nemotron-H cut to no attention layer: its forward fails
+        raise BadInput(f"student.init teacher_layers: the cut student: {e}") from None
     return student, student_config
 
 
@@ -287,6 +291,7 @@ def _cut_student(teacher: nn.Module, config: dict, stride: int, layers: list[int
                 f"{j} of another kind ({', '.join(diff[:3])} differ); choose layers whose "
                 f"positions keep their kind"
             )
+    shapes = {k: v.shape for k, v in tree_flatten(student.parameters())}
     weights = {}
     for key, value in teacher_params.items():
         if key.startswith(path + "."):
@@ -294,7 +299,7 @@ def _cut_student(teacher: nn.Module, config: dict, stride: int, layers: list[int
             if int(index) not in keep:
                 continue
             key = f"{path}.{keep.index(int(index))}.{rest}"
-        weights[key] = mx.array(value)
+        weights[key] = _layer_blocks(mx.array(value), shapes.get(key), n, keep)
     if hasattr(student, "sanitize"):
         weights = student.sanitize(weights)  # as mlx_lm.load does (e.g. Gemma 3's tied head)
     try:
@@ -302,6 +307,22 @@ def _cut_student(teacher: nn.Module, config: dict, stride: int, layers: list[int
     except ValueError as e:
         raise BadInput(f"student.init teacher_layers: cannot cut the {arch} teacher: {e}") from None
     return student, student_config
+
+
+def _layer_blocks(value: mx.array, shape: tuple | None, n: int, keep: list[int]) -> mx.array:
+    """`value` with the kept layers' blocks only, along the one axis that holds a block per
+    teacher layer (Gemma 3n's and 4's per-layer input embeddings and projection); as it is
+    when no axis is n blocks becoming len(keep) blocks."""
+    if shape is None or value.ndim != len(shape):
+        return value
+    axes = [a for a in range(value.ndim) if value.shape[a] != shape[a]]
+    if len(axes) != 1 or value.shape[axes[0]] % n:
+        return value
+    a, p = axes[0], value.shape[axes[0]] // n
+    if shape[a] != p * len(keep):
+        return value
+    rows = mx.array([i * p + j for i in keep for j in range(p)])
+    return mx.take(value, rows, axis=a)
 
 
 def save_model(model: nn.Module, config: dict, tokenizer_dir: str | Path, path: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """`mlx-distill plan`: each stage's predicted peak memory against what this device can use.
 
 Models are built as lazy skeletons (shapes and dtypes only; a pretrained folder is mapped, never
-read), so a plan costs no memory and no time. The peak of a training step is the sum of:
+read), so a plan costs no memory and no time; only a folder's head-contract probe reads its
+weights, once per process (`models.check_folder`). The peak of a training step is the sum of:
 all weights (in train.dtype; quantized weights packed), the trainable weights' gradients, AdamW's
 two fp32 moments (+ fp32 masters below fp32), the activations the backward pass keeps (every
 block's, or with `grad_checkpoint` one hidden state per block plus one block's), the fused loss's
@@ -24,7 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_distill import backend
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels.loss import choose_chunk
-from mlx_distill.models import model_config_dict, model_from_config
+from mlx_distill.models import check_folder, model_config_dict, model_from_config
 from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.recipe import Recipe
 from mlx_distill.text.tokenizer import load_tokenizer
@@ -200,6 +201,7 @@ def _folder_skeleton(path: Path) -> tuple[nn.Module, dict]:
 
     if not (path / "config.json").is_file():
         raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
+    check_folder(path)  # an architecture the fused loss reproduces (config.json alone: mlx-lm's)
     return load_model(path, lazy=True)
 
 

@@ -1,7 +1,8 @@
-"""The LM-head contract over the allow-list, against each model's own `model(tokens)` logits.
+"""The LM-head contract on dense architectures, against each model's own `model(tokens)` logits.
 
-For every verified architecture: a tiny random model (tied and untied where the architecture
-allows, 4-bit and 8-bit affine, mxfp4 for a few) with its head scaled so logits spread widely,
+For 20 dense architectures (each transform of the table among them): a tiny random model (tied
+and untied where the architecture allows, 4-bit and 8-bit affine, mxfp4 for a few) with its head
+scaled so logits spread widely,
 saved as an mlx-lm folder and loaded back with `models.load_model`. The trainer's own loss
 function (fused head + transform) must match the same loss computed on mlx-lm's materialized
 logits: CE, forward KL to dense and to top-k targets, and the gradients of every trainable
@@ -25,7 +26,6 @@ from tiny import arithmetic_tokenizer
 from mlx_distill.errors import BadInput
 from mlx_distill.kernels import DenseTargets, SparseTargets, distill_loss
 from mlx_distill.models import (
-    VERIFIED_ARCHS,
     from_teacher_layers,
     head_inputs,
     lm_head,
@@ -126,7 +126,13 @@ def _variants(arch: str) -> list[str]:
     return out
 
 
-CASES = [(arch, v) for arch in sorted(VERIFIED_ARCHS) for v in _variants(arch)]
+# the dense architectures with a transform each, tied/untied and quantized variants (the
+# mixture-of-experts and hybrid ones: tests/test_architectures.py)
+DENSE = (
+    "cohere gemma gemma2 gemma3 gemma3_text gpt2 granite internlm2 llama minicpm mistral olmo2 "
+    "phi phi3 qwen2 qwen3 qwen3_5 smollm3 stablelm starcoder2"
+).split()
+CASES = [(arch, v) for arch in DENSE for v in _variants(arch)]
 
 
 def _spread_head(model: nn.Module, tokens: mx.array, target: float) -> None:
@@ -176,14 +182,22 @@ def _rel(a: float, b: float) -> float:
 RECURRENT_DECAY = ("A_log", "dt_bias")
 
 
+# A gradient that is zero up to rounding (Gemma 4's last `layer_scalar` scales the residual
+# stream just before the final RMS norm, which undoes the scale: measured 5e-7 beside O(1)
+# elsewhere) is compared to the whole gradient's norm rather than its own.
+ZERO_GRADIENT = 1e-6
+
+
 def _grad_err(g: dict, ref: dict) -> float:
     """Worst per-parameter relative error; a recurrent decay's counts a tenth (10x TOL)."""
+    norms = {key: mx.linalg.norm(want.reshape(-1)).item() for key, want in ref.items()}
+    total = float(np.sqrt(sum(n * n for n in norms.values())))
     worst = 0.0
     for key, want in ref.items():
         num = mx.linalg.norm((g[key] - want).reshape(-1)).item()
-        err = num / max(mx.linalg.norm(want.reshape(-1)).item(), 1e-12)
+        den = norms[key] if norms[key] >= ZERO_GRADIENT * total else total
         scale = 10.0 if key.rsplit(".", 1)[-1] in RECURRENT_DECAY else 1.0
-        worst = max(worst, err / scale)
+        worst = max(worst, num / max(den, 1e-12) / scale)
     return worst
 
 
@@ -251,17 +265,7 @@ def test_head_matches_model_logits(arch, variant, tokenizer_dir, tmp_path):
     assert not bad, f"{arch}/{variant} seed {seed}: {bad}"
 
 
-def test_unverified_architecture_is_refused(tokenizer_dir, tmp_path):
-    config = dict(BASE, model_type="olmo", d_model=64, n_layers=1, n_heads=4, mlp_hidden_size=64)
-    path = tmp_path / "olmo"
-    path.mkdir()
-    (path / "config.json").write_text(__import__("json").dumps(config))
-    mx.save_safetensors(str(path / "model.safetensors"), {"x": mx.zeros(1)})
-    with pytest.raises(BadInput, match=r"architecture 'olmo' is not verified.*verified: cohere"):
-        load_model(path)
-
-
-@pytest.mark.parametrize("arch", sorted(VERIFIED_ARCHS))
+@pytest.mark.parametrize("arch", DENSE)
 def test_from_teacher_layers_every_arch(arch):
     mx.random.seed(0)
     tied = arch not in NO_TIED

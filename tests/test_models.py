@@ -1,6 +1,7 @@
 """Students as mlx-lm models: build, save/load round trip, hidden states + LM head, layer cuts."""
 
 import random
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -111,3 +112,25 @@ def test_student_init_is_seeded_by_the_recipe(tmp_path):
     recipe.seed += 1
     other = weights()
     assert not all(mx.array_equal(first[k], other[k]).item() for k in first)
+
+
+def test_the_head_contract_is_proven_once_per_folder(tokenizer_dir, tmp_path, monkeypatch):
+    from mlx_distill.models import check_folder, heads
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    model, config = build_model(cfg, vocab_of(tokenizer_dir))
+    assert model._head_contract.hidden == "backbone"  # build_model proved it
+    path = save_model(model, config, tokenizer_dir, tmp_path / "m")
+    probes = []
+    own = heads.prove
+    monkeypatch.setattr(heads, "prove", lambda m: probes.append(m) or own(m))
+    check_folder(path)  # the preflight
+    first, _, _ = load_model(path)  # the stage that loads it next
+    second, _, _ = load_model(path)
+    assert len(probes) == 1
+    assert first._head_contract == second._head_contract == probes[0]._head_contract
+    # new weights in the folder (its file time moves on: kernel clocks tick every few ms)
+    time.sleep(0.05)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    load_model(path)
+    assert len(probes) == 2

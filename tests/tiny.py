@@ -52,6 +52,8 @@ def tiny_tokenizer(size: int):
 def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32, scale: float = 6.0):
     from mlx_lm.models import llama
 
+    from mlx_distill.models import contract
+
     mx.random.seed(seed)
     args = llama.ModelArgs(
         model_type="llama",
@@ -68,6 +70,7 @@ def tiny_model(vocab_rows: int, seed: int = 0, hidden: int = 32, scale: float = 
     # scale > 1: larger logits than the default init, a peaked, teacher-like distribution
     model.update({"model": {"embed_tokens": {"weight": model.model.embed_tokens.weight * scale}}})
     mx.eval(model.parameters())
+    contract(model)  # as models.build_model does: before a compiled step reads the head
     return model, args
 
 

@@ -1,9 +1,10 @@
 """Students and local teachers as mlx-lm architectures.
 
-Build one from a `ModelConfig` (`llama`, `qwen2`), load an mlx-lm folder of any verified
-architecture (`VERIFIED_ARCHS`; others are refused), or cut a student from a teacher by keeping
-every k-th layer. The fused loss needs the final hidden states, the LM-head weight and the
-architecture's logits transform: `head_inputs` (see `heads.py`). Saved folders are plain mlx-lm
+Build one from a `ModelConfig` (`llama`, `qwen2`), load an mlx-lm folder of any architecture
+mlx-lm builds, or cut a student from a teacher by keeping every k-th layer. The fused loss needs
+the final hidden states, the LM-head weight and the architecture's logits transform:
+`head_inputs` (see `heads.py`), proven on a probe whenever a model is loaded or built (`prove`;
+a model it does not hold for is refused with one line). Saved folders are plain mlx-lm
 format: `mlx_lm.load(path)` and `mlx_lm generate --model path` read them offline.
 """
 
@@ -21,11 +22,12 @@ from mlx.utils import tree_flatten
 
 from mlx_distill.errors import BadInput
 from mlx_distill.files import atomic_dir
-from mlx_distill.models.heads import ARCHS as VERIFIED_ARCHS
 from mlx_distill.models.heads import (
+    Contract,
     Head,
     architecture,
-    check_architecture,
+    backbone,
+    contract,
     head_inputs,
     hidden_states,
     lm_head,
@@ -39,12 +41,14 @@ ARCHS = ("llama", "qwen2")  # what `build_model` builds from a ModelConfig
 
 __all__ = [
     "ARCHS",
-    "VERIFIED_ARCHS",
+    "Contract",
     "Head",
     "architecture",
     "build_model",
-    "check_architecture",
     "FLOAT_BYTES",
+    "check_folder",
+    "check_teacher_layers",
+    "contract",
     "export_quantized",
     "floating_dtype",
     "from_teacher_layers",
@@ -97,6 +101,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> tuple[nn.Module, dict]:
     config = model_config_dict(cfg, vocab_size)
     model = model_from_config(config)
     mx.eval(model.parameters())
+    contract(model)
     return model, config
 
 
@@ -104,19 +109,63 @@ def load_model(path: str | Path) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, config) from an mlx-lm folder; safetensors only, no remote code.
 
     What `mlx_lm.load` returns, with the tokenizer from the project's loader (cached in-process
-    by content, and stopping at the chat template's end-of-turn token too).
+    by content, and stopping at the chat template's end-of-turn token too). The head contract
+    is proven on the loaded model (once per folder content in this process): BadInput if it
+    does not hold.
     """
+    path = Path(path)
+    model, config = _load_proven(path)
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+# folder content (path, config.json, weight files' sizes and times) -> its proven contract
+_PROVEN: dict[tuple, Contract] = {}
+
+
+def _folder_key(path: Path) -> tuple:
+    files = sorted(path.glob("*.safetensors"))
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return str(path.resolve()), (path / "config.json").read_bytes(), stats
+
+
+def _load_proven(path: Path) -> tuple[nn.Module, dict]:
     from mlx_lm.utils import load_model as load_weights
 
-    path = Path(path)
     if not (path / "config.json").is_file():
         raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
     if not list(path.glob("*.safetensors")):
         raise BadInput(f"no .safetensors weights in {path}")
-    check_architecture(_model_type(path))
+    check_folder(path, weights=False)
+    key = _folder_key(path)
     model, config = load_weights(path)
-    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer, config
+    if key in _PROVEN:
+        model._head_contract = _PROVEN[key]
+    _PROVEN[key] = contract(model)
+    return model, config
+
+
+def check_folder(path: str | Path, weights: bool = True) -> None:
+    """BadInput (one line) unless mlx-lm can build the folder's architecture and, with
+    `weights` and the weights present, the head contract holds on them (proven on a probe
+    once per folder content). A folder holding config.json alone is checked from it."""
+    from mlx_lm.utils import _get_classes
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BadInput(f"not an mlx-lm model folder (no config.json): {path}")
+    model_type = _model_type(path)
+    try:
+        _get_classes({"model_type": model_type})
+    except ValueError:
+        import mlx_lm
+
+        raise BadInput(
+            f"{path}: architecture {model_type!r} is not one mlx-lm {mlx_lm.__version__} can "
+            f"build (no mlx_lm.models.{model_type})"
+        ) from None
+    if weights and list(path.glob("*.safetensors")) and _folder_key(path) not in _PROVEN:
+        _load_proven(path)
 
 
 def _model_type(path: Path) -> str:
@@ -130,11 +179,13 @@ def _model_type(path: Path) -> str:
 def _layer_list(model: nn.Module) -> tuple[str, list]:
     """(parameter path, modules) of the model's list of transformer blocks."""
     lm = text_model(model)
-    prefix = "language_model." if lm is not model else ""
-    for name in ("layers", "h"):
-        if name in lm.model and isinstance(lm.model[name], list):
-            return f"{prefix}model.{name}", lm.model[name]
-    raise BadInput(f"{architecture(model)}: no list of layers at model.layers or model.h")
+    paths = {id(m): p for p, m in model.named_modules()}
+    for owner in (backbone(lm), lm):
+        for name in ("layers", "h"):
+            if owner is not None and isinstance(owner.get(name), list):
+                prefix = paths[id(owner)]
+                return f"{prefix}.{name}" if prefix else name, owner[name]
+    raise BadInput(f"{architecture(model)}: no list of layers in its backbone (layers, h)")
 
 
 def _layer_kind(layer: nn.Module, path: str = "") -> dict:
@@ -164,10 +215,17 @@ def _cut_config(teacher: nn.Module, config: dict, n: int, keep: list[int]) -> di
     if key is None:
         raise BadInput(f"{architecture(teacher)}: config has no layer count equal to {n}")
     target[key] = len(keep)
-    args = getattr(text_model(teacher), "args", None)
+    lm = text_model(teacher)
+    args = getattr(lm, "args", None) or getattr(lm, "config", None)  # Gemma 3n: config
     for name, value in (vars(args) if args is not None else {}).items():
-        if isinstance(value, list) and len(value) == n:
-            target[name] = [value[i] for i in keep]
+        pattern = isinstance(value, str) and name.endswith("pattern")  # Nemotron-H's "M*M-"
+        if (isinstance(value, list) or pattern) and len(value) == n:
+            cut = [value[i] for i in keep]
+            target[name] = "".join(cut) if pattern else cut
+        elif isinstance(value, list) and name.endswith(("_idxs", "_layers")):
+            # lists of layer indices (LFM2's full_attn_idxs, Qwen3-MoE's mlp_only_layers)
+            if all(isinstance(i, int) and 0 <= i < n for i in value):
+                target[name] = [keep.index(i) for i in value if i in keep]
     return student
 
 
@@ -179,11 +237,32 @@ def from_teacher_layers(
 
     Embeddings, final norm and head are copied too, so the student shares the teacher's
     tokenizer and starts from its representations (DistilBERT-style initialization). Works for
-    every allow-listed architecture; refused when a kept layer would change kind at its new
-    position (e.g. Gemma 3's sliding/global pattern, Qwen3.5's linear/full attention).
+    every architecture whose blocks form one list (dense, mixture-of-experts, hybrid); refused
+    when a kept layer would change kind at its new position (e.g. Gemma 3's sliding/global
+    pattern, Qwen3.5's linear/full attention).
     """
+    contract(teacher)
+    student, student_config = _cut_student(teacher, config, stride, layers)
+    mx.eval(student.parameters())
+    try:
+        contract(student)
+    except BadInput as e:  # e.g. Nemotron-H cut to no attention layer: its forward fails
+        raise BadInput(f"student.init teacher_layers: the cut student: {e}") from None
+    return student, student_config
+
+
+def check_teacher_layers(path: str | Path, stride: int, layers: list[int] | None) -> None:
+    """BadInput (one line) unless `from_teacher_layers` can cut the teacher in the mlx-lm folder
+    `path`: checked on its lazily loaded weights, none of them read (the run's preflight)."""
+    from mlx_lm.utils import load_model as load_weights
+
+    teacher, config = load_weights(Path(path), lazy=True)
+    _cut_student(teacher, config, stride, layers)
+
+
+def _cut_student(teacher: nn.Module, config: dict, stride: int, layers: list[int] | None):
+    """(student, config) of `from_teacher_layers`, its weights the teacher's lazy arrays."""
     arch = architecture(teacher)
-    check_architecture(arch)
     path, teacher_layers = _layer_list(teacher)
     n = len(teacher_layers)
     if layers is not None:
@@ -196,7 +275,14 @@ def from_teacher_layers(
     if any(k.endswith(".scales") for k in teacher_params):
         raise BadInput("student.init teacher_layers needs an unquantized teacher")
     student_config = _cut_config(teacher, config, n, keep)
-    student = model_from_config(student_config)
+    try:
+        student = model_from_config(student_config)
+    except Exception as e:  # a layer pattern the architecture's code cannot take (gpt_oss)
+        detail = f"{type(e).__name__}: {str(e).strip()[:120]}"
+        raise BadInput(
+            f"student.layers {keep}: mlx-lm cannot build a {arch} student from these teacher "
+            f"layers ({detail}); choose others"
+        ) from None
     _, student_layers = _layer_list(student)
     for j, i in enumerate(keep):
         want, got = _layer_kind(teacher_layers[i]), _layer_kind(student_layers[j])
@@ -207,6 +293,7 @@ def from_teacher_layers(
                 f"{j} of another kind ({', '.join(diff[:3])} differ); choose layers whose "
                 f"positions keep their kind"
             )
+    shapes = {k: v.shape for k, v in tree_flatten(student.parameters())}
     weights = {}
     for key, value in teacher_params.items():
         if key.startswith(path + "."):
@@ -214,15 +301,30 @@ def from_teacher_layers(
             if int(index) not in keep:
                 continue
             key = f"{path}.{keep.index(int(index))}.{rest}"
-        weights[key] = mx.array(value)
+        weights[key] = _layer_blocks(mx.array(value), shapes.get(key), n, keep)
     if hasattr(student, "sanitize"):
         weights = student.sanitize(weights)  # as mlx_lm.load does (e.g. Gemma 3's tied head)
     try:
         student.load_weights(list(weights.items()))
     except ValueError as e:
         raise BadInput(f"student.init teacher_layers: cannot cut the {arch} teacher: {e}") from None
-    mx.eval(student.parameters())
     return student, student_config
+
+
+def _layer_blocks(value: mx.array, shape: tuple | None, n: int, keep: list[int]) -> mx.array:
+    """`value` with the kept layers' blocks only, along the one axis that holds a block per
+    teacher layer (Gemma 3n's and 4's per-layer input embeddings and projection); as it is
+    when no axis is n blocks becoming len(keep) blocks."""
+    if shape is None or value.ndim != len(shape):
+        return value
+    axes = [a for a in range(value.ndim) if value.shape[a] != shape[a]]
+    if len(axes) != 1 or value.shape[axes[0]] % n:
+        return value
+    a, p = axes[0], value.shape[axes[0]] // n
+    if shape[a] != p * len(keep):
+        return value
+    rows = mx.array([i * p + j for i in keep for j in range(p)])
+    return mx.take(value, rows, axis=a)
 
 
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model is saved in

@@ -1,7 +1,8 @@
 """Every input a run reads, checked before any stage writes: one line per problem, exit 2.
 
 Data files (UTF-8, JSONL shape, with the line), tokenizer folders (JSON files, loading, chat
-template), model folders (config.json, safetensors weights) and the tokenizer agreement between
+template), model folders (config.json, safetensors weights, an architecture whose head contract
+holds on a probe: `models.check_folder`) and the tokenizer agreement between
 student, teacher and `tokenizer.path`: a student's weights only make sense with the tokenizer
 they were trained with (its own folder for `student.init: pretrained`, the teacher's for
 `teacher_layers`), and a teacher with another tokenizer is distilled offline with aligned top-k
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from mlx_distill.errors import BadInput
 from mlx_distill.hub import resolve_recipe
+from mlx_distill.models import check_folder, check_teacher_layers
 from mlx_distill.recipe import STAGES, Recipe
 from mlx_distill.run.table import TABLE
 from mlx_distill.text.chat import ChatEncoder, conversation_shape, record_shape
@@ -184,12 +186,24 @@ def check_model_folder(key: str, folder: Path):
     if not (folder / "config.json").is_file():
         raise BadInput(f"recipe key {key}: not an mlx-lm model folder (no config.json): {folder}")
     _json_file(folder / "config.json")
+    check_architecture_folder(key, folder, weights=False)  # mlx-lm has the class (no probe yet)
     if not list(folder.glob("*.safetensors")):
         raise BadInput(
             f"recipe key {key}: no .safetensors weights in {folder} (weights are read only from "
             "safetensors files)"
         )
     return check_tokenizer_folder(key, folder)
+
+
+def check_architecture_folder(key: str, folder: Path, weights: bool = True) -> None:
+    """The model in `folder` (recipe key `key`) is one the fused loss reproduces: mlx-lm builds
+    its architecture and the head contract holds on a probe (`models.check_folder`, proven
+    once per folder content in this process, so the stage that loads it next does not probe
+    again)."""
+    try:
+        check_folder(folder, weights)
+    except BadInput as e:
+        raise BadInput(f"recipe key {key}: {e}") from None
 
 
 def check_tokenizers(recipe: Recipe, selected: set[str]) -> bool:
@@ -204,29 +218,38 @@ def check_tokenizers(recipe: Recipe, selected: set[str]) -> bool:
     teacher_dir = (recipe.teacher.path or recipe.teacher.init) if local else None
     student = recipe.student
     student_users = {"tokenizer", "distill", "baseline"}
+    owners = []  # (recipe key, folder) of the models whose architecture is proven below
     if student.init == "pretrained" and student.path and selected & student_users:
         student_tok = check_model_folder("student.path", Path(student.path))
         who = "the student's (student.init pretrained)"
         _same_tokenizer(recipe_tok, tok_path, student_tok, student.path, who)
+        owners.append(("student.path", student.path))
     teacher_users = {"teacher", "cache", "eval"}
     if student.init == "teacher_layers":
         teacher_users |= {"distill", "baseline"}
-    if not (teacher_dir and selected & (teacher_users | {"tokenizer"})):
-        return False
-    teacher_tok = check_model_folder(teacher_key, Path(teacher_dir))
-    if recipe_tok is None:
-        raise BadInput(
-            f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but the "
-            f"teacher's is in {teacher_dir}; set tokenizer.path: {teacher_dir} (or the "
-            "student's tokenizer folder, for a student with another vocabulary)"
-        )
-    if vocab_hash(recipe_tok) != vocab_hash(teacher_tok):
-        _cross_tokenizer_allowed(recipe, teacher_dir, teacher_key)
-        return True
-    if _on_policy(recipe) and "distill" in selected:
+    cross = False
+    if teacher_dir and selected & (teacher_users | {"tokenizer"}):
+        teacher_tok = check_model_folder(teacher_key, Path(teacher_dir))
+        if recipe_tok is None:
+            raise BadInput(
+                f"recipe key tokenizer.path: not set, so a new tokenizer would be trained, but "
+                f"the teacher's is in {teacher_dir}; set tokenizer.path: {teacher_dir} (or the "
+                "student's tokenizer folder, for a student with another vocabulary)"
+            )
+        cross = vocab_hash(recipe_tok) != vocab_hash(teacher_tok)
+        if cross:
+            _cross_tokenizer_allowed(recipe, teacher_dir, teacher_key)
+        owners.insert(0, (teacher_key, teacher_dir))
+    for key, folder in owners:  # the architecture, once the cheaper checks have passed
+        check_architecture_folder(key, Path(folder))
+    if student.init == "teacher_layers" and teacher_dir and selected & {"distill", "baseline"}:
+        # the layers kept exist and line up with their kinds (no weights read)
+        check_teacher_layers(teacher_dir, student.layer_stride, student.layers)
+    if teacher_dir and not cross and _on_policy(recipe) and "distill" in selected and recipe_tok:
         # the teacher scores the student's text: both must read it in the same chat format
+        teacher_tok = check_model_folder(teacher_key, Path(teacher_dir))
         check_templates(recipe_tok, teacher_tok, teacher_dir)
-    return False
+    return cross
 
 
 def _same_tokenizer(recipe_tok, tok_path, owner_tok, folder: str, who: str) -> None:

@@ -59,7 +59,7 @@ class LocalTeacher:
             if not (path / "config.json").is_file():
                 raise BadInput(f"teacher folder {path}: no config.json (expected an mlx-lm model)")
 
-            try:  # the allow-list check happens in load_model, before the weights are read
+            try:  # load_model proves the head contract (once per folder: the preflight did)
                 model, tokenizer, config = load_model(path)
             except (ValueError, FileNotFoundError, KeyError) as e:
                 raise BadInput(f"teacher folder {path}: cannot load ({e})") from None

@@ -270,11 +270,22 @@ def _bytes(n: int) -> str:
 
 
 def _cuts(summary: dict) -> str:
-    """The row-cut counts of a stage summary ("rows_cut", "valid_rows_cut", ... "rows_dropped"),
-    as "rows cut 2, valid rows cut 0"; "-" when it has none."""
-    words = ("_cut", "shortened", "dropped")
-    counts = {k: v for k, v in summary.items() if isinstance(v, int) and any(w in k for w in words)}
-    return ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()) or "-"
+    """The rows a stage's data lost at data.max_seq_len: cut (shortened) and dropped (no trained
+    token left), from the summary's `data` / `<split>_data` counts (`text.chat.Counts`) or a
+    cross-tokenizer cache's `rows_left_out`, as "rows cut 2, rows dropped 0, valid rows cut 0";
+    "-" when it has none."""
+    parts = []
+    for key, value in summary.items():
+        if not isinstance(value, dict):
+            continue
+        if key == "data" or key.endswith("_data"):
+            split = "" if key == "data" else key.removesuffix("_data") + " "
+            cut, dropped = value.get("rows_cut", 0), value.get("rows_dropped", 0)
+            parts.append(f"{split}rows cut {cut:,}, {split}rows dropped {dropped:,}")
+        elif key == "rows_left_out":
+            cut, dropped = value.get("shortened", 0), value.get("dropped", 0)
+            parts.append(f"rows cut {cut:,}, rows dropped {dropped:,}")
+    return ", ".join(parts) or "-"
 
 
 def _compare_section(recipe, stages: dict[str, dict], models: dict) -> list[str]:

@@ -57,11 +57,18 @@ def test_report_without_test_split_or_baseline_shows_stages_and_either_cut_count
     }
     stages = {"distill": {"dtype": "bfloat16", "rows_cut": 3}}
     records = {
-        "cache": {"seconds": 12.34, "peak_memory_bytes": 3 * 2**30, "result": {"rows_cut": 2}},
+        "cache": {
+            "seconds": 12.34,
+            "peak_memory_bytes": 3 * 2**30,
+            "result": {"rows_left_out": {"shortened": 2, "dropped": 0, "empty": 1}},
+        },
         "distill": {
             "seconds": 80.0,
             "peak_memory_bytes": 512 * 2**20,
-            "result": {"rows_shortened": 5, "rows_dropped": 1, "valid_rows_cut": 0},
+            "result": {
+                "data": {"rows": 9, "rows_cut": 5, "rows_dropped": 1},
+                "valid_data": {"rows": 4, "rows_cut": 0, "rows_dropped": 0},
+            },
         },
     }
     (tmp_path / "student").mkdir()
@@ -72,8 +79,6 @@ def test_report_without_test_split_or_baseline_shows_stages_and_either_cut_count
     assert "No baseline in this run" in report
     assert "| KD student | 972,288 | n/a | - | - |" in report
     assert f"| KD student | `{tmp_path / 'student'}` | bfloat16 | 2.0 MB |" in report
-    assert "| cache | 12.3 s | 3.00 GB | rows cut 2 |" in report
-    assert (
-        "| distill | 80.0 s | 512.0 MB | rows shortened 5, rows dropped 1, valid rows cut 0 |"
-        in (report)
-    )
+    assert "| cache | 12.3 s | 3.00 GB | rows cut 2, rows dropped 0 |" in report
+    row = "rows cut 5, rows dropped 1, valid rows cut 0, valid rows dropped 0"
+    assert f"| distill | 80.0 s | 512.0 MB | {row} |" in report

@@ -136,3 +136,105 @@ def test_refinement_plan_counts_the_teacher_and_both_phases_evaluated():
     student = refined["distill"]["terms"]["weights"]
     grown = refined["eval"]["terms"]["weights"] - offline["stages"]["eval"]["terms"]["weights"]
     assert grown == 2 * student
+
+
+# -- sizing from config.json alone -----------------------------------------------------------
+
+
+def _folder(tmp_path, name, dtype=None, bits=None):
+    """A tiny qwen2 folder with weights (fp32, bf16 or quantized) and its config-only twin."""
+    import mlx.core as mx
+    from mlx_lm.utils import quantize_model
+
+    from mlx_distill.models import build_model, save_model
+
+    cfg = ModelConfig(arch="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    model, config = build_model(cfg, 1000)
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
+        config["torch_dtype"] = dtype
+    if bits:
+        model, config = quantize_model(model, config, group_size=32, bits=bits)
+    full = save_model(model, config, tmp_path / "none", tmp_path / name)
+    bare = tmp_path / f"{name}-config-only"
+    bare.mkdir()
+    (bare / "config.json").write_text((full / "config.json").read_text())
+    return full, bare
+
+
+@pytest.mark.parametrize("dtype, bits", [(None, None), ("bfloat16", None), (None, 4), (None, 8)])
+def test_config_only_folder_sizes_as_its_weights_do(tmp_path, dtype, bits):
+    from mlx_distill.plan import _folder_skeleton
+
+    full, bare = _folder(tmp_path, "m", dtype, bits)
+    with_weights, from_config = _folder_skeleton(full), _folder_skeleton(bare)
+    assert isinstance(with_weights.weights, Path)
+    assert "config.json only" in from_config.weights
+    a = shape_of(with_weights.model, with_weights.config)
+    b = shape_of(from_config.model, from_config.config)
+    assert a == b
+    blob = (full / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(blob[:8], "little")  # safetensors: length, JSON, tensors
+    assert b.weight_bytes == len(blob) - header
+    assert b.quantized == bool(bits)
+
+
+def test_a_7b_4bit_config_is_sized_without_memory(tmp_path):
+    """Qwen2.5-7B-Instruct as mlx-community's 4-bit conversion: 7.62B parameters, 4.28 GB."""
+    import mlx.core as mx
+
+    from mlx_distill.plan import _folder_skeleton
+
+    config = {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "intermediate_size": 18944,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "torch_dtype": "bfloat16",
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    before = mx.get_active_memory()
+    built = _folder_skeleton(tmp_path)
+    s = shape_of(built.model, built.config)
+    assert mx.get_active_memory() - before < 1 << 20  # nothing materialized
+    assert abs(s.values - 7.6156e9) < 1e6
+    assert 4.25e9 < s.weight_bytes < 4.31e9
+
+
+def test_plan_before_the_download(tmp_path):
+    """A pair given as config.json (+ tokenizer) folders: sized, and its time not estimated."""
+    from tiny import tiny_tokenizer
+
+    tok = tmp_path / "tok"
+    tiny_tokenizer(1000).save_pretrained(tok)
+    _, teacher = _folder(tmp_path, "teacher", bits=4)
+    _, student = _folder(tmp_path, "student")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "t5 t6", "completion": "t7"}) + "\n")
+    recipe = {
+        "name": "bare",
+        "runs_dir": str(tmp_path / "runs"),
+        "data": {"train": str(data), "test": str(data), "max_seq_len": 64},
+        "tokenizer": {"path": str(tok)},
+        "teacher": {"kind": "local", "path": str(teacher)},
+        "student": {"init": "pretrained", "path": str(student)},
+        "train": {"steps": 5, "batch_size": 2},
+    }
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    proc = cli("plan", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads(proc.stdout)["stages"]
+    assert set(stages) == {"cache", "distill", "baseline", "eval"}
+    for name, v in stages.items():
+        assert v["peak_bytes"] > 0
+        assert v["time"]["seconds"] is None and "config.json only" in v["time"]["why"], name
+    table = cli("plan", str(path)).stdout
+    assert "time not estimated for cache:" in table and "holds no weights" in table

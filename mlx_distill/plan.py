@@ -30,11 +30,13 @@ from mlx_distill.recipe import Recipe
 from mlx_distill.text.tokenizer import load_tokenizer
 
 GB = 1 << 30
-# (rows, V) fp32 buffers a loss chunk keeps live at its peak, measured on the CPU at V = 128k
-# and 152k (256-row chunks): 4 with sparse teacher targets (what kernels.loss.choose_chunk
-# budgets), 6 with hard labels alone, whose step also holds 3 (V, d) head gradients, not 1.
-CHUNK_BUFFERS = 4
-CE_CHUNK_BUFFERS, CE_HEAD_GRADS = 6, 3
+# (rows, V) fp32 buffers a loss chunk keeps live at its peak (measured on the CPU: ~2.5), and
+# those of the next chunk, which starts before they are all freed: 1.5 more for sparse teacher
+# targets through a tied or frozen head (4 in all, what kernels.loss.choose_chunk budgets), with
+# one (V, d) head gradient; 3.5 more, with 3 head gradients (and the untied embedding's own), for
+# hard labels alone or a trained untied head (measured at V = 128k and 152k, 256-row chunks).
+CHUNK_BUFFERS = 2.5
+OVERLAP, WIDE_OVERLAP, WIDE_HEAD_GRADS = 1.5, 3.5, 3
 # Teacher scoring (`LocalTeacher.score`), in units of one forward pass's (rows, T, V) fp32
 # logits: measured 6 when every position carries loss (the logits, their copy without padded
 # rows, and ~4 (positions, V) arrays gathered at the loss positions: log-probs and top-k), 4.3
@@ -65,6 +67,8 @@ class Shape:
     trainable: int  # trainable parameter count
     trainable_itemsize: int
     head_trainable: bool  # is the LM head (or tied embedding) trained?
+    tied: bool = True  # the head is the embedding table
+    embed_trainable: bool = False  # an untied embedding table is trained
 
 
 def _nbytes(a: mx.array, dtype=None) -> int:
@@ -111,6 +115,8 @@ def shape_of(model: nn.Module, config: dict, dtype=None) -> Shape:
         trainable=sum(a.size for _, a in trainable),
         trainable_itemsize=max((cast(a).size for _, a in trainable), default=4),
         head_trainable=any(k.startswith(head_keys) for k, _ in trainable),
+        tied=not any(".lm_head." in f".{k}" for k, _ in params),
+        embed_trainable=any(".embed_tokens." in f".{k}" for k, _ in trainable),
     )
 
 
@@ -126,6 +132,11 @@ def loss_chunk(tokens: int, vocab: int, chunk: int | None, labels_at_t: bool) ->
         return min(chunk, tokens)
 
     return choose_chunk(tokens, vocab, 4, False, labels_at_t)
+
+
+def chunk_bytes(tokens: int, n: int, vocab: int, overlap: float = OVERLAP) -> int:
+    """Bytes the fused loss's (rows, V) buffers hold over `tokens` rows in chunks of `n`."""
+    return int((CHUNK_BUFFERS * n + overlap * min(n, tokens - n)) * vocab * 4)
 
 
 def train_terms(
@@ -161,10 +172,15 @@ def train_terms(
     # The loss runs at the end of the forward pass: chunk buffers, the (V, d) head gradient (a
     # trained head only) and dh (N, d) in fp32, and fp32 copies of head and hidden states when
     # they are not fp32.
-    buffers, head_grads = (CHUNK_BUFFERS, 1) if kd else (CE_CHUNK_BUFFERS, CE_HEAD_GRADS)
+    compact = kd and (s.tied or not s.head_trainable)
+    overlap, head_grads = (OVERLAP, 1) if compact else (WIDE_OVERLAP, WIDE_HEAD_GRADS)
     vd = 4 * s.vocab * s.d
-    head = vd * ((head_grads if s.head_trainable else 0) + (1 if itemsize != 4 else 0))
-    loss = int(buffers * n * s.vocab * 4) + head + tokens * s.d * 4 * 2
+    head = vd * (
+        (head_grads if s.head_trainable else 0)
+        + (1 if s.embed_trainable and not s.tied else 0)
+        + (1 if itemsize != 4 else 0)
+    )
+    loss = chunk_bytes(tokens, n, s.vocab, overlap) + head + tokens * s.d * 4 * 2
     # Then the backward pass: the gradients (and, checkpointed, one block recomputed at a time).
     attention = tokens * ATT_BACKWARD * s.heads * seq * itemsize
     backward = grads + (block if grad_checkpoint else 0) + attention
@@ -230,7 +246,7 @@ def eval_terms(
     n = loss_chunk(tokens, big.vocab, None, False)
     hidden = tokens * (big.inter + 4 * big.d) * 4
     transient = {
-        "loss": int(CHUNK_BUFFERS * n * big.vocab * 4) + hidden,
+        "loss": chunk_bytes(tokens, n, big.vocab) + hidden,
         "generation": batch * (seq + new) * big.layers * 2 * big.kv_dim * 4
         + batch * big.vocab * 4 * 2,
     }

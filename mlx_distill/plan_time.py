@@ -35,7 +35,7 @@ from mlx_distill.plan import (
 from mlx_distill.recipe import Recipe, TrainConfig
 
 PROBE_LAYERS = 2
-TIMED_STEPS = 2  # training steps timed after the compiling one
+TIMED_STEPS = 3  # training steps timed after the compiling one
 PROBE_TOKENS = 3  # greedy tokens timed after a prefill and one untimed token
 LOGITS_BYTES = 256 << 20  # LocalTeacher's max_logits_mb: the rows one scoring pass holds
 

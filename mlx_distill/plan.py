@@ -1,13 +1,15 @@
 """`mlx-distill plan`: each stage's predicted peak memory against what this device can use.
 
-Models are built as lazy skeletons (shapes and dtypes only; a pretrained folder is mapped, never
-read), so a plan costs no memory and no time. The peak of a training step is the sum of:
-all weights (in train.dtype; quantized weights packed), the trainable weights' gradients, AdamW's
-two fp32 moments (+ fp32 masters below fp32), the activations the backward pass keeps (every
-block's, or with `grad_checkpoint` one hidden state per block plus one block's), the fused loss's
-chunk buffers (chunk x V) with its (V, d) head gradient, and the teacher targets. The terms are
-written out in `train_terms`; `tests/test_plan.py` checks the total against
-`mx.get_peak_memory()` on tiny models.
+Models are built as lazy skeletons (shapes and dtypes only; a folder's weights are mapped, never
+read, and a folder holding only config.json is built from the config), so a plan costs no
+memory and little time. The peak of a training step is the sum of: all weights (in train.dtype;
+quantized weights packed), the trainable weights' gradients, AdamW's two fp32 moments (+ fp32
+masters below fp32), the activations the backward pass keeps (every block's, or with
+`grad_checkpoint` one hidden state per block plus one block's), the fused loss's chunk buffers
+(chunk x V) with its (V, d) head gradients, and the teacher targets. The terms are written out
+in `train_terms`, `score_terms` and `eval_terms`; `tests/test_plan.py` checks the totals against
+`mx.get_peak_memory()` on tiny models and, stage by stage, at real vocabulary sizes. The
+wall-time estimate is `plan_time.py`.
 """
 
 from __future__ import annotations
@@ -302,7 +304,7 @@ class Skeleton:
     weights: Path | str | None
 
 
-def _folder_skeleton(path: Path) -> Skeleton:
+def folder_skeleton(path: Path) -> Skeleton:
     """A model folder's skeleton: from its weights' headers when it has them, else from its
     config.json alone (a run sized before the download)."""
     from mlx_lm.utils import load_config, load_model
@@ -334,7 +336,7 @@ def teacher_skeleton(recipe: Recipe) -> Skeleton | None:
     trained = Path(recipe.runs_dir) / recipe.name / "teacher" / "teacher.json"
     path = t.path or (json.loads(trained.read_text())["path"] if trained.exists() else None)
     if path:
-        return _folder_skeleton(Path(path))
+        return folder_skeleton(Path(path))
     config = model_config_dict(t.model, _vocab(recipe))
     return Skeleton(model_from_config(config), config, None)
 
@@ -343,7 +345,7 @@ def student_skeleton(recipe: Recipe) -> Skeleton:
     """The student as the distill stage builds it (before adapters), with lazy weights."""
     s = recipe.student
     if s.init == "pretrained":
-        return _folder_skeleton(Path(s.path))
+        return folder_skeleton(Path(s.path))
     if s.init == "teacher_layers":
         teacher = teacher_skeleton(recipe)
         if teacher is None:

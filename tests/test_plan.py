@@ -190,10 +190,10 @@ def _folder(tmp_path, name, dtype=None, bits=None):
 
 @pytest.mark.parametrize("dtype, bits", [(None, None), ("bfloat16", None), (None, 4), (None, 8)])
 def test_config_only_folder_sizes_as_its_weights_do(tmp_path, dtype, bits):
-    from mlx_distill.plan import _folder_skeleton
+    from mlx_distill.plan import folder_skeleton
 
     full, bare = _folder(tmp_path, "m", dtype, bits)
-    with_weights, from_config = _folder_skeleton(full), _folder_skeleton(bare)
+    with_weights, from_config = folder_skeleton(full), folder_skeleton(bare)
     assert isinstance(with_weights.weights, Path)
     assert "config.json only" in from_config.weights
     a = shape_of(with_weights.model, with_weights.config)
@@ -209,7 +209,7 @@ def test_a_7b_4bit_config_is_sized_without_memory(tmp_path):
     """Qwen2.5-7B-Instruct as mlx-community's 4-bit conversion: 7.62B parameters, 4.28 GB."""
     import mlx.core as mx
 
-    from mlx_distill.plan import _folder_skeleton
+    from mlx_distill.plan import folder_skeleton
 
     config = {
         "model_type": "qwen2",
@@ -227,7 +227,7 @@ def test_a_7b_4bit_config_is_sized_without_memory(tmp_path):
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     before = mx.get_active_memory()
-    built = _folder_skeleton(tmp_path)
+    built = folder_skeleton(tmp_path)
     s = shape_of(built.model, built.config)
     assert mx.get_active_memory() - before < 1 << 20  # nothing materialized
     assert abs(s.values - 7.6156e9) < 1e6

@@ -175,15 +175,15 @@ def train(recipe, **options):
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--no-time", is_flag=True, help="Skip the timed probes (memory only).")
-def plan(recipe, overrides, as_json, no_time):
+@click.option("--time", "timed", is_flag=True, help="Also estimate wall time (timed probes).")
+def plan(recipe, overrides, as_json, timed):
     """Predicted peak memory (and wall time) of each stage (exit 2 if it will not fit)."""
     from mlx_distill.plan import advice, format_table, plan_recipe
     from mlx_distill.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
     result = plan_recipe(resolved)
-    if not no_time:
+    if timed:
         from mlx_distill.plan_time import add_times
 
         add_times(resolved, result)

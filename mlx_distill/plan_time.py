@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_distill import backend
+from mlx_distill.evaluate import SAMPLES
 from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.plan import (
     Shape,
@@ -35,8 +36,9 @@ from mlx_distill.plan import (
 from mlx_distill.recipe import Recipe, TrainConfig
 
 PROBE_LAYERS = 2
-TIMED_STEPS = 3  # training steps timed after the compiling one
+TIMED_STEPS = 2  # training steps timed after the compiling one
 PROBE_TOKENS = 3  # greedy tokens timed after a prefill and one untimed token
+EVAL_ROWS = 32  # evaluate's perplexity and agreement batch
 LOGITS_BYTES = 256 << 20  # LocalTeacher's max_logits_mb: the rows one scoring pass holds
 
 
@@ -115,7 +117,8 @@ def train_step_seconds(model: nn.Module, recipe: Recipe, train: TrainConfig, kd:
 
 def score_seconds(model: nn.Module, recipe: Recipe) -> float:
     """Seconds of one scoring batch (cache.batch_size rows of max_seq_len + 1 tokens): the
-    forward pass, the logits, the log-probs and the top-k, as `LocalTeacher.score` runs them."""
+    forward pass, the logits, the log-probs and the top-k, as `LocalTeacher.score` runs them
+    (one pass of as many rows as it takes at once, timed, times the passes of a batch)."""
     from mlx_distill.cache.sparse import tempered_logprobs
     from mlx_distill.models import hidden_states, lm_head
 
@@ -130,14 +133,22 @@ def score_seconds(model: nn.Module, recipe: Recipe) -> float:
     rows = max(1, min(c.batch_size, LOGITS_BYTES // (V * T * 4)))  # rows per forward pass
     tokens = mx.array(np.random.default_rng(0).integers(0, V, (rows, T)))
 
-    def batch():
-        for _ in range(math.ceil(c.batch_size / rows)):
-            lp = tempered_logprobs(head.logits(hidden_states(model, tokens)), c.temperature)
-            top = mx.argpartition(-lp, kth=c.k - 1, axis=-1)[..., : c.k]
-            mx.eval(top)
-        return top
+    def one_pass():
+        lp = tempered_logprobs(head.logits(hidden_states(model, tokens)), c.temperature)
+        return mx.argpartition(-lp, kth=c.k - 1, axis=-1)[..., : c.k]
 
-    return _seconds(batch, 1)
+    return _seconds(one_pass, 1) * math.ceil(c.batch_size / rows)
+
+
+def forward_seconds(model: nn.Module, recipe: Recipe) -> float:
+    """Seconds of one teacher-forced pass of the eval stage (perplexity, top-1 agreement):
+    min(32, eval.num_examples) rows of max_seq_len tokens, their logits' argmax."""
+    from mlx_distill.models import hidden_states, lm_head
+
+    head = lm_head(model)
+    shape = (min(EVAL_ROWS, recipe.eval.num_examples), recipe.data.max_seq_len)
+    tokens = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, shape))
+    return _seconds(lambda: mx.argmax(head.logits(hidden_states(model, tokens)), axis=-1), 1)
 
 
 def decode_seconds(model: nn.Module, recipe: Recipe) -> float:
@@ -212,18 +223,23 @@ def estimate(recipe: Recipe, stages: list[str]) -> dict[str, dict]:
 
 
 def _eval_time(recipe: Recipe, built: dict, full: dict) -> dict:
-    """Greedy answers of every evaluated model: problems / batch x max_new_tokens tokens."""
-    e = recipe.eval
-    batches = math.ceil(e.num_examples / max(1, e.batch_size))
+    """Every evaluated model: teacher-forced passes (perplexity; a student's top-1 agreement
+    runs it and the teacher once more) and greedy tokens (the task's answers, the samples)."""
+    e, seq = recipe.eval, recipe.data.max_seq_len
+    passes = math.ceil(e.num_examples / min(EVAL_ROWS, e.num_examples))
+    steps = math.ceil(e.num_examples / max(1, e.batch_size)) if recipe.data.task else 0
+    students = eval_students(recipe)
+    teacher = built["teacher"] is not None
+    counts = {"teacher": 1, "student": students}
+    forwards = {"teacher": passes * (1 + students), "student": students * passes * (1 + teacher)}
     total, parts = 0.0, []
-    counts = {"teacher": 1, "student": eval_students(recipe)}
     for role in [r for r in ("teacher", "student") if built[r] is not None]:
         model, cut = probe_model(built[role])
-        seconds = decode_seconds(model, recipe)
-        per = _scaled(seconds, model, cut, full[role], recipe.data.max_seq_len)
-        tokens = counts[role] * batches * e.max_new_tokens
-        total += tokens * per
-        parts.append(f"{role}: {tokens} tokens x {per:.3g} s")
+        fwd = _scaled(forward_seconds(model, recipe), model, cut, full[role], seq)
+        tok = _scaled(decode_seconds(model, recipe), model, cut, full[role], seq)
+        tokens = counts[role] * (steps + SAMPLES) * e.max_new_tokens
+        total += forwards[role] * fwd + tokens * tok
+        parts.append(f"{role}: {forwards[role]} passes x {fwd:.3g} s + {tokens} x {tok:.3g} s")
     return {"seconds": round(total, 1), "basis": ", ".join(parts)}
 
 

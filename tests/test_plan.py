@@ -93,11 +93,11 @@ def test_predicted_peak_within_25_percent_of_measured():
 
 
 def test_plan_json_names_each_stage():
-    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--no-time")
+    proc = cli("plan", "recipes/quickstart.yaml", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert set(plan["stages"]) == {"cache", "distill", "baseline", "eval"}
-    assert not any("time" in v for v in plan["stages"].values())  # --no-time: no probes
+    assert not any("time" in v for v in plan["stages"].values())  # no probes without --time
     assert plan["fits"] and plan["device_bytes"] > 0
     distill = plan["stages"]["distill"]
     assert distill["peak_bytes"] == sum(distill["terms"].values())
@@ -113,10 +113,8 @@ def test_run_predicted_not_to_fit_is_refused_before_any_work(tmp_path):
 
 
 def test_on_policy_plan_counts_the_teacher_beside_the_student():
-    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json", "--no-time").stdout)
-    proc = cli(
-        "plan", "recipes/quickstart.yaml", "--json", "--no-time", "--set", "distill.mode=mixed"
-    )
+    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json").stdout)
+    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--set", "distill.mode=mixed")
     assert proc.returncode == 0, proc.stderr
     mixed = json.loads(proc.stdout)
     teacher = Path(ROOT / "data/quickstart/teacher/model.safetensors").stat().st_size
@@ -129,8 +127,8 @@ def test_on_policy_plan_counts_the_teacher_beside_the_student():
 
 
 def test_refinement_plan_counts_the_teacher_and_both_phases_evaluated():
-    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json", "--no-time").stdout)
-    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--no-time", "--set", "refine.steps=5")
+    offline = json.loads(cli("plan", "recipes/quickstart.yaml", "--json").stdout)
+    proc = cli("plan", "recipes/quickstart.yaml", "--json", "--set", "refine.steps=5")
     assert proc.returncode == 0, proc.stderr
     refined = json.loads(proc.stdout)["stages"]
     teacher = Path(ROOT / "data/quickstart/teacher/model.safetensors").stat().st_size
@@ -255,14 +253,14 @@ def test_plan_before_the_download(tmp_path):
     }
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
-    proc = cli("plan", str(path), "--json")
+    proc = cli("plan", str(path), "--json", "--time")
     assert proc.returncode == 0, proc.stderr
     stages = json.loads(proc.stdout)["stages"]
     assert set(stages) == {"cache", "distill", "baseline", "eval"}
     for name, v in stages.items():
         assert v["peak_bytes"] > 0
         assert v["time"]["seconds"] is None and "config.json only" in v["time"]["why"], name
-    table = cli("plan", str(path)).stdout
+    table = cli("plan", str(path), "--time").stdout
     assert "time not estimated for cache:" in table and "holds no weights" in table
 
 

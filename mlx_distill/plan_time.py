@@ -47,9 +47,10 @@ class NotTimed(Exception):
 
 
 def work(s: Shape, seq: int) -> float:
-    """Multiply-adds per token: every weight but the embedding table once (a tied head reads
-    it once), and attention over seq / 2 earlier positions on average (q.k and p.v)."""
-    return (s.values - s.vocab * s.d) + s.layers * seq * s.d
+    """Multiply-adds per token: every weight once except an untied embedding table (a lookup;
+    a tied table is the head's matmul), and attention over seq / 2 earlier positions on average
+    (q.k and p.v)."""
+    return s.values - (0 if s.tied else s.vocab * s.d) + s.layers * seq * s.d
 
 
 def train_rows(recipe: Recipe) -> int:

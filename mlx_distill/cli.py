@@ -189,13 +189,20 @@ def train(recipe, **options):
 @click.argument("recipe", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(recipe, overrides, as_json):
-    """Predicted peak memory of each stage against this device's (exit 2 if it will not fit)."""
+@click.option("--time", "timed", is_flag=True, help="Also estimate wall time (timed probes).")
+def plan(recipe, overrides, as_json, timed):
+    """Predicted peak memory (and wall time) of each stage (exit 2 if it will not fit)."""
+    from mlx_distill.hub import resolve_configs
     from mlx_distill.plan import advice, format_table, plan_recipe
     from mlx_distill.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
+    resolve_configs(resolved)  # Hub ids: their config.json and tokenizer, not their weights
     result = plan_recipe(resolved)
+    if timed:
+        from mlx_distill.plan_time import add_times
+
+        add_times(resolved, result)
     if as_json:
         _emit(result, True)
     else:

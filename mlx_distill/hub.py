@@ -177,6 +177,20 @@ def resolve_recipe(recipe) -> None:
             setattr(recipe.data, split, dataset_folder(f"data.{split}", value))
 
 
+def resolve_configs(recipe) -> None:
+    """As `resolve_recipe` for the model paths, fetching each Hub model's config.json and
+    tokenizer files only (`config_folder`): what `plan` sizes a run from before a download."""
+    t, s, tok = recipe.teacher, recipe.student, recipe.tokenizer
+    if t.kind == "local" and t.path:
+        t.path = str(config_folder(t.path, "teacher.path"))
+    elif t.kind == "local" and t.init:
+        t.init = str(config_folder(t.init, "teacher.init"))
+    if s.init == "pretrained" and s.path:
+        s.path = str(config_folder(s.path, "student.path"))
+    if tok.path:
+        tok.path = str(config_folder(tok.path, "tokenizer.path"))
+
+
 def portable(value):
     """`org/name@<commit>` for a snapshot folder of the Hub cache (models or datasets), else
     `value`; dicts and lists are mapped through."""

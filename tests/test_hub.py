@@ -102,6 +102,33 @@ def test_config_only_snapshot(offline_home):
         hub.model_folder("teacher.path", "org/config-only")
 
 
+def test_plan_sizes_hub_ids_from_their_config_alone(offline_home, tmp_path, monkeypatch, capsys):
+    """`plan` on a recipe naming Hub repos whose cache holds only config and tokenizer files
+    (what `config_folder` fetches): sized as the same folders with weights are, time not
+    estimated (no weights), nothing written."""
+    files = folder_files(TEACHER, skip={"model.safetensors"})
+    populate(offline_home / "hub", "org/config-only", files, "c" * 40, "main")
+    sets = tiny.quickstart_sets(tmp_path / "runs", "teacher.path=org/config-only")
+    sets += ["--set", "tokenizer.path=org/config-only"]
+    code, out, err = tiny.main(
+        monkeypatch, capsys, "plan", "recipes/quickstart.yaml", *sets, "--json"
+    )
+    assert code in (0, None), err
+    by_hub = json.loads(out)
+    code, out, _ = tiny.main(
+        monkeypatch,
+        capsys,
+        "plan",
+        "recipes/quickstart.yaml",
+        *tiny.quickstart_sets(tmp_path / "runs"),
+        "--json",
+    )
+    local = json.loads(out)
+    peaks = {name: stage["peak_bytes"] for name, stage in local["stages"].items()}
+    assert {name: stage["peak_bytes"] for name, stage in by_hub["stages"].items()} == peaks
+    assert not (tmp_path / "runs").exists()
+
+
 def _teach(tmp_path, *extra, env=None):
     args = tiny.quickstart_sets(
         tmp_path / "runs",

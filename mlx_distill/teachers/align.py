@@ -222,6 +222,19 @@ def exact_ids(records: list[dict[str, Any]], strings: list[str | None]) -> dict[
     return {"checked": checked, "agree": agree}
 
 
+def reply_mask(spans: list[tuple[int, int]], start: int, end: int) -> np.ndarray:
+    """The trained tokens of a rendered conversation: those from character `start` (where the
+    assistant's turn leaves the generation prompt) through the first token at or after `end`
+    (the end-of-turn token after the reply)."""
+    mask = np.zeros(len(spans), dtype=bool)
+    for j, (a, _) in enumerate(spans):
+        if a >= start:
+            mask[j] = True
+            if a >= end:
+                break
+    return mask
+
+
 def reply_text(record: dict[str, Any], think_open: str, think_close: str) -> str:
     """The assistant turn: the thought summary in a reasoning span, then the answer."""
     thoughts = (record.get("thoughts") or "").strip()
@@ -281,13 +294,7 @@ def records_to_examples(
             (i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), reply_at)
         )
         ids, spans = encode_offsets(tokenizer, full)
-        reply_end = answer_at + len(record["text"])
-        mask = np.zeros(len(ids), dtype=bool)
-        for j, (start, _) in enumerate(spans):
-            if start >= assistant_from:
-                mask[j] = True
-                if start >= reply_end:
-                    break  # the end-of-turn token after the reply is the last target
+        mask = reply_mask(spans, assistant_from, answer_at + len(record["text"]))
         examples.append(
             TokenizedExample(
                 tokens=np.array(ids, dtype=np.int32),

@@ -32,7 +32,7 @@ import numpy as np
 from mlx_distill.cache.records import RecordStore, read_records, record_key
 from mlx_distill.cache.sparse import RowTargets
 from mlx_distill.errors import BadInput
-from mlx_distill.teachers.align import align_targets, encode_offsets, piece_strings
+from mlx_distill.teachers.align import align_targets, encode_offsets, piece_strings, reply_mask
 from mlx_distill.teachers.gemini_cache import row_targets
 from mlx_distill.text.chat import (
     end_of_turn,
@@ -106,14 +106,8 @@ def student_rows(
         # the assistant's part starts where the rendering leaves the generation prompt
         start = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), len(head))
         start = min(start, answer_at)
-        end = answer_at + len(answer)
         ids, spans = encode_offsets(tokenizer, full)
-        mask = np.zeros(len(ids), dtype=bool)
-        for j, (a, _) in enumerate(spans):
-            if a >= start:
-                mask[j] = True
-                if a >= end:
-                    break  # the end-of-turn token after the answer is the last target
+        mask = reply_mask(spans, start, answer_at + len(answer))
         if len(ids) > max_len:
             if not mask[1:max_len].any():
                 counts["dropped"] += 1

@@ -398,3 +398,15 @@ def test_run_without_baseline_or_test_split(run, monkeypatch, capsys):
     code, _, err = main(monkeypatch, capsys, *args, "--no-baseline", "--stage", "eval")
     assert code == 0, err
     assert "[eval] up to date" in err
+
+
+def test_leaving_the_baseline_out_reruns_eval_and_report_only():
+    """eval and report show the baseline, so switching it off makes them stale (and no stage
+    upstream of them); at the default their fingerprints are what they were."""
+    from mlx_distill.recipe import load_recipe
+    from mlx_distill.run.fingerprints import stage_inputs
+
+    with_it = stage_inputs(load_recipe("recipes/quickstart.yaml"))[0]
+    without = stage_inputs(load_recipe("recipes/quickstart.yaml", ["baseline=false"]))[0]
+    changed = {name for name in with_it if with_it[name] != without[name]}
+    assert changed == {"eval", "report"}

@@ -65,6 +65,8 @@ def stage_inputs(
             payload["data_files"] = data_files
         if name == "teacher":
             payload["teacher_files"] = teacher_files
+        if name in ("eval", "report") and not recipe.baseline:
+            payload["baseline"] = False  # what they show changes; left out at the default
         prints[name] = fingerprint(payload)
         inputs[name] = payload
     return prints, inputs

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_heads import TOL, V, measure
+from test_heads import BASE, TOL, V, measure
 from tiny import ROOT, main, one_line, quickstart_sets
 
 from mlx_distill.errors import BadInput
@@ -41,18 +41,9 @@ from mlx_distill.models.adapters import apply_adapters
 from mlx_distill.models.heads import head_site
 from mlx_distill.recipe import LoraConfig, StudentConfig
 
-D = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    vocab_size=V,
-    rope_theta=10000.0,
-    max_position_embeddings=128,
-)
+# test_heads' tiny shapes with four layers (room for alternating and mixed layer kinds)
+D = {k: v for k, v in BASE.items() if k not in ("layer_norm_eps", "norm_epsilon")}
+D["num_hidden_layers"] = 4
 EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 LINEAR = dict(
     linear_num_value_heads=2,

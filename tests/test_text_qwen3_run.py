@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from real_tokenizers import FACTS, available, tokenizer_dir
+from test_real_pipeline import _model as real_model
 from test_text_qwen3 import THINKING, TOOL_USE
 from tiny import ROOT
 
@@ -22,24 +23,8 @@ ROWS = [
 
 
 def _model(folder, tok, layers: int):
-    import mlx.core as mx
-
-    from mlx_distill.models import build_model, save_model
-    from mlx_distill.recipe import ModelConfig
-
-    cfg = ModelConfig(
-        arch="qwen2",
-        hidden_size=16,
-        num_layers=layers,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=32,
-        tie_embeddings=True,
-        max_position=512,
-    )
-    mx.random.seed(layers)
-    model, config = build_model(cfg, FACTS["qwen3"]["embedding_rows"])
-    return save_model(model, config, tok, folder)
+    """A tiny random Qwen2-architecture model on the Qwen3 tokenizer's embedding rows."""
+    return real_model(folder, tok, "qwen2", True, FACTS["qwen3"]["embedding_rows"], 16, layers)
 
 
 def test_cache_and_baseline_train_every_turn_of_a_qwen3_dataset(tmp_path, monkeypatch, capsys):
